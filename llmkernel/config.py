@@ -1,0 +1,258 @@
+"""Config dataclasses as the one schema for CLI flags, YAML recipes and the saved run.json.
+
+A stage declares a dataclass (sections are nested dataclasses) whose fields are made with `option(...)`.
+From it come:
+
+* the CLI: `--section.field VALUE` for every field, `--help` listing each with its help and default;
+* YAML: `--config recipe.yaml` holds the same names, nested; CLI flags override the file;
+* run.json: `to_dict(config)` is what gets saved, and `build(cls, that_dict)` loads it back.
+
+Values are converted and checked where they enter (`build`), and dataclasses validate ranges in
+`__post_init__` with `check(...)`, so every mistake becomes one `ConfigError` line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from llmkernel.errors import ConfigError
+
+T = TypeVar("T")
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, positional: bool = False) -> Any:
+    """A config field with its help text. `factory` builds mutable defaults (lists, sections)."""
+    metadata = {"help": help, "positional": positional}
+    if factory is not _MISSING:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check(condition: bool, name: str, message: str) -> None:
+    """Raise a ConfigError naming field `name` when `condition` is false (use in __post_init__)."""
+    if not condition:
+        raise ConfigError(f"{name}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------- types
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); anything else -> (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _unwrap_optional(tp)
+    if typing.get_origin(inner) is list:
+        name = f"list of {_type_name(typing.get_args(inner)[0])}"
+    elif dataclasses.is_dataclass(inner):
+        name = "mapping"
+    elif typing.get_origin(inner) in (typing.Union, types.UnionType):
+        name = " or ".join(_type_name(a) for a in typing.get_args(inner))
+    else:
+        name = getattr(inner, "__name__", str(inner))
+    return f"{name} or null" if optional else name
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML or CLI value to type `tp`, or raise a ConfigError naming `name`."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required (expected {_type_name(tp)})")
+    if dataclasses.is_dataclass(inner):
+        if isinstance(value, inner):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of fields, got {value!r}")
+        return build(inner, value, prefix=f"{name}.")
+    origin = typing.get_origin(inner)
+    if origin is list:
+        (item_type,) = typing.get_args(inner)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_convert(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):  # e.g. `str | InputSpec`: first type that takes it
+        for candidate in typing.get_args(inner):
+            try:
+                return _convert(value, candidate, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE:
+            return True
+        if str(value).lower() in _FALSE:
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            number = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(number)
+    if inner is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if inner is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") -> T:
+    """Build dataclass `cls` from a (nested) dict, converting types and rejecting unknown keys."""
+    data = dict(data or {})
+    hints = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown field '{prefix}{unknown[0]}'; known fields{' of ' + prefix.rstrip('.') if prefix else ''}: "
+            + ", ".join(sorted(fields))
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], prefix + name)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
+            raise ConfigError(f"{prefix}{name}: a value is required")
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{prefix}{error}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (what run.json stores and `build` reads back)."""
+    return dataclasses.asdict(config)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with one-line errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _walk(cls: type, prefix: str = ""):
+    """Yield (dotted name, field, type, section class) for every leaf field of `cls`, sections flattened."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner, _ = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(inner):
+            yield from _walk(inner, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, tp, cls
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
+    return None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add `--config` and one flag per config field (dotted for sections, grouped by section) to `parser`."""
+    parser.formatter_class = _HelpFormatter
+    parser.add_argument("--config", metavar="YAML", help="YAML file with any of the fields below; flags override it")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for dotted, f, tp, section in _walk(cls):
+        help_text = f.metadata.get("help", "") or " "
+        default = _default_of(f)
+        inner, _ = _unwrap_optional(tp)
+        is_list = typing.get_origin(inner) is list
+        if f.metadata.get("positional"):
+            parser.add_argument(dotted, nargs="*", default=argparse.SUPPRESS, help=f"{help_text}")
+            continue
+        group_name = dotted.rpartition(".")[0]
+        if group_name and group_name not in groups:
+            doc = (section.__doc__ or "").strip().splitlines()[0]
+            groups[group_name] = parser.add_argument_group(f"{group_name}", doc)
+        target = groups.get(group_name, parser)
+        kwargs: dict[str, Any] = {
+            "dest": dotted,
+            "default": argparse.SUPPRESS,
+            "help": help_text if "default:" in help_text else f"{help_text} (default: {default!r})",
+            "metavar": "VALUE" if is_list else getattr(inner, "__name__", "VALUE").upper(),
+        }
+        if inner is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif is_list:
+            kwargs.update(nargs="*")
+        target.add_argument(f"--{dotted}", **kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *sections, leaf = dotted.split(".")
+    node = data
+    for section in sections:
+        child = node.get(section)
+        if not isinstance(child, dict):
+            child = node[section] = {}
+        node = child
+    node[leaf] = value
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Resolve a config: dataclass defaults, then the `--config` YAML, then explicit CLI flags."""
+    values = vars(args)
+    data = load_yaml(values["config"]) if values.get("config") else {}
+    for dotted, *_ in _walk(cls):
+        if dotted in values:
+            _set_dotted(data, dotted, values[dotted])
+    return build(cls, data)

@@ -1,0 +1,45 @@
+"""User-facing errors: one line that names the problem and the fix, exit code 2, no traceback.
+
+Anything a user can cause (a missing file, a malformed row, a wrong column, an out-of-range value) raises a
+`UserError`; `llmk` prints its message on one line and exits with `EXIT_USER_ERROR`. Bugs stay ordinary
+exceptions with tracebacks. Optional dependencies are imported through `optional_import`, the one place
+that turns a missing extra into an actionable message.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error caused by input or configuration; its message is shown to the user as is."""
+
+
+class ConfigError(UserError):
+    """A config value is unknown, of the wrong type or out of range."""
+
+
+class InputError(UserError):
+    """An input file or folder is missing, empty or malformed."""
+
+
+class MissingExtraError(UserError):
+    """An optional dependency is not installed."""
+
+
+# extra name -> the pip requirement that provides it
+EXTRAS = {"ray": "llmkernel[ray]"}
+
+
+def optional_import(module: str, extra: str) -> ModuleType:
+    """Import `module`, or raise a MissingExtraError that says which `pip install` fixes it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        requirement = EXTRAS.get(extra, extra)
+        raise MissingExtraError(
+            f"'{module}' is not installed ({error}); install it with: pip install '{requirement}'"
+        ) from None

@@ -1,0 +1,153 @@
+"""Run folders: atomic writes, a staging folder that only becomes `--out` when complete, and run.json.
+
+Every stage writes into one output folder with a `run.json` manifest (stage, package version, resolved
+config, inputs with content hashes, outputs, metrics, wall time). A stage builds its output in a staging
+folder beside `--out` and renames it into place at the end, so an interrupted or failed run never leaves a
+folder that looks complete, and an earlier complete output stays untouched until the new one is ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llmkernel import __version__
+from llmkernel.errors import UserError
+
+MANIFEST = "run.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder: fsync, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_inputs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Path, size and sha256 of each input file (what run.json records and the up-to-date check compares)."""
+    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]
+
+
+def fingerprint(config: dict[str, Any], inputs: list[dict[str, Any]]) -> str:
+    """A hash of what determines a stage's output: its config and its inputs' contents."""
+    payload = json.dumps({"config": config, "inputs": [(i["path"], i["sha256"]) for i in inputs]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def is_up_to_date(folder: str | Path, stage: str, run_fingerprint: str) -> bool:
+    """True when `folder` holds a complete run of `stage` with the same config and inputs."""
+    manifest = read_manifest(folder)
+    return bool(manifest and manifest.get("stage") == stage and manifest.get("fingerprint") == run_fingerprint)
+
+
+def check_writable_parent(out: Path) -> None:
+    """Fail early, before any work, when `out` cannot be created."""
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {out}: {probe} is not a writable folder; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+
+
+@contextlib.contextmanager
+def staging_folder(out: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `out`; on success it replaces `out`, on any error it is removed."""
+    out = Path(out)
+    check_writable_parent(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Manifest:
+    """What run.json records about one run of a stage."""
+
+    stage: str
+    config: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    fingerprint: str
+    started_at: float = field(default_factory=time.time)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, folder: Path) -> dict[str, Any]:
+        """Write run.json into `folder`, listing every file already there as an output."""
+        outputs = [
+            {"path": str(p.relative_to(folder)), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
+        ]
+        finished = time.time()
+        record = {
+            "stage": self.stage,
+            "version": __version__,
+            "started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(),
+            "finished_at": datetime.fromtimestamp(finished, UTC).isoformat(),
+            "wall_time_s": round(finished - self.started_at, 3),
+            "host": {"name": socket.gethostname(), "python": platform.python_version(), "cpus": os.cpu_count()},
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "inputs": self.inputs,
+            "outputs": outputs,
+            "metrics": self.metrics,
+        }
+        atomic_write_json(folder / MANIFEST, record)
+        return record
