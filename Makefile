@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup test test-fast demo bench lint format clean
 

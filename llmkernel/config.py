@@ -28,7 +28,9 @@ T = TypeVar("T")
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, positional: bool = False) -> Any:
+def option(
+    default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, positional: bool = False
+) -> Any:
     """A config field with its help text. `factory` builds mutable defaults (lists, sections)."""
     metadata = {"help": help, "positional": positional}
     if factory is not _MISSING:
@@ -209,7 +211,9 @@ def _default_of(f: dataclasses.Field) -> Any:
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add `--config` and one flag per config field (dotted for sections, grouped by section) to `parser`."""
     parser.formatter_class = _HelpFormatter
-    parser.add_argument("--config", metavar="YAML", help="YAML file with any of the fields below; flags override it")
+    parser.add_argument(
+        "--config", metavar="YAML", help="YAML file with any of the fields below; flags override it"
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for dotted, f, tp, section in _walk(cls):
         help_text = f.metadata.get("help", "") or " "

@@ -66,7 +66,9 @@ def describe_inputs(paths: list[Path]) -> list[dict[str, Any]]:
 
 def fingerprint(config: dict[str, Any], inputs: list[dict[str, Any]]) -> str:
     """A hash of what determines a stage's output: its config and its inputs' contents."""
-    payload = json.dumps({"config": config, "inputs": [(i["path"], i["sha256"]) for i in inputs]}, sort_keys=True)
+    payload = json.dumps(
+        {"config": config, "inputs": [(i["path"], i["sha256"]) for i in inputs]}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -81,7 +83,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 def is_up_to_date(folder: str | Path, stage: str, run_fingerprint: str) -> bool:
     """True when `folder` holds a complete run of `stage` with the same config and inputs."""
     manifest = read_manifest(folder)
-    return bool(manifest and manifest.get("stage") == stage and manifest.get("fingerprint") == run_fingerprint)
+    return bool(
+        manifest and manifest.get("stage") == stage and manifest.get("fingerprint") == run_fingerprint
+    )
 
 
 def check_writable_parent(out: Path) -> None:
@@ -142,7 +146,11 @@ class Manifest:
             "started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(),
             "finished_at": datetime.fromtimestamp(finished, UTC).isoformat(),
             "wall_time_s": round(finished - self.started_at, 3),
-            "host": {"name": socket.gethostname(), "python": platform.python_version(), "cpus": os.cpu_count()},
+            "host": {
+                "name": socket.gethostname(),
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+            },
             "fingerprint": self.fingerprint,
             "config": self.config,
             "inputs": self.inputs,

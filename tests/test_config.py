@@ -34,7 +34,9 @@ def parse(argv: list[str]) -> Example:
 
 
 def test_defaults_and_dotted_overrides():
-    config = parse(["a.txt", "b.txt", "--rate", "0.25", "--section.size", "8", "--flag", "--section.names", "x", "y"])
+    config = parse(
+        ["a.txt", "b.txt", "--rate", "0.25", "--section.size", "8", "--flag", "--section.names", "x", "y"]
+    )
     assert config.inputs == ["a.txt", "b.txt"]
     assert config.rate == 0.25 and config.flag is True and config.label is None
     assert config.section == Section(size=8, names=["x", "y"])

@@ -17,19 +17,28 @@ TXT_SPLITS = ("file", "paragraph", "line")
 class InputSpec:
     """One input (file, folder or glob) with options for reading it; recipes list these under `inputs`."""
 
-    path: str = option(help="file, folder (read recursively) or glob; 'builtin:python-docs' is the demo corpus")
-    format: str = option("auto", "one of " + ", ".join(FORMATS) + "; auto goes by extension (.gz/.zst allowed)")
-    text_field: str | None = option(
-        None, "jsonl/json/parquet field or csv/tsv column with the text; default: the first of text, content, html"
+    path: str = option(
+        help="file, folder (read recursively) or glob; 'builtin:python-docs' is the demo corpus"
     )
-    html: bool | None = option(None, "the text is HTML to extract; default: yes for .html files and an 'html' field")
+    format: str = option(
+        "auto", "one of " + ", ".join(FORMATS) + "; auto goes by extension (.gz/.zst allowed)"
+    )
+    text_field: str | None = option(
+        None,
+        "jsonl/json/parquet field or csv/tsv column with the text; default: the first of text, content, html",
+    )
+    html: bool | None = option(
+        None, "the text is HTML to extract; default: yes for .html files and an 'html' field"
+    )
     split: str = option("file", "for .txt: one document per file, per blank-line paragraph, or per line")
     source: str | None = option(None, "label stored as each document's source; default: the file path")
 
     def __post_init__(self) -> None:
         check(bool(self.path), "path", "an input path is required")
         check(self.format in FORMATS, "format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        check(self.split in TXT_SPLITS, "split", f"must be one of {', '.join(TXT_SPLITS)}, got {self.split!r}")
+        check(
+            self.split in TXT_SPLITS, "split", f"must be one of {', '.join(TXT_SPLITS)}, got {self.split!r}"
+        )
 
 
 @dataclass
@@ -40,7 +49,9 @@ class CleanConfig:
     html: bool = option(True, "extract the main text of HTML documents (drops navigation, scripts, styles)")
     fix_unicode: bool = option(True, "repair mojibake such as 'cafÃ©' -> 'café' (ftfy)")
     normalization: str = option("NFC", "Unicode normal form: NFC, NFKC or none")
-    remove_control: bool = option(True, "drop control characters, the BOM and zero-width characters; CRLF -> LF")
+    remove_control: bool = option(
+        True, "drop control characters, the BOM and zero-width characters; CRLF -> LF"
+    )
     collapse_whitespace: bool = option(True, "strip trailing spaces and collapse runs of 3+ blank lines")
     boilerplate: bool = option(True, "remove known boilerplate: Project Gutenberg header and license footer")
     remove_patterns: list[str] = option(help="regular expressions whose matches are removed", factory=list)
@@ -76,7 +87,9 @@ class FilterConfig:
     max_duplicate_ngram_fraction: float = option(
         0.15, "maximum share of characters in repeated 5-grams (6..10-grams step down to 0.10)"
     )
-    languages: list[str] = option(help="keep only these ISO 639-1 languages, e.g. [en, zh]; empty: keep all", factory=list)
+    languages: list[str] = option(
+        help="keep only these ISO 639-1 languages, e.g. [en, zh]; empty: keep all", factory=list
+    )
     min_language_score: float = option(0.5, "minimum language-ID probability for a language in `languages`")
 
     def __post_init__(self) -> None:
@@ -101,7 +114,9 @@ class DedupConfig:
 
     exact: bool = option(True, "drop documents whose normalised text was seen before")
     near: bool = option(True, "drop near-duplicates found with MinHash LSH")
-    threshold: float = option(0.8, "estimated Jaccard similarity of shingles above which documents are near-duplicates")
+    threshold: float = option(
+        0.8, "estimated Jaccard similarity of shingles above which documents are near-duplicates"
+    )
     num_perm: int = option(128, "MinHash permutations (signature length)")
     shingle_size: int = option(5, "words per shingle (characters for CJK text)")
     seed: int = option(1, "seed of the MinHash permutations")
@@ -120,11 +135,17 @@ class PiiConfig:
     """Step 4: find personal data and replace it with typed placeholders such as <EMAIL>."""
 
     enabled: bool = option(True, "mask personal data in the kept documents")
-    types: list[str] = option(help="which types to mask: " + ", ".join(PII_TYPES), factory=lambda: list(PII_TYPES))
+    types: list[str] = option(
+        help="which types to mask: " + ", ".join(PII_TYPES), factory=lambda: list(PII_TYPES)
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.types) - set(PII_TYPES))
-        check(not unknown, "types", f"unknown PII type {unknown[0] if unknown else ''!r}; known: {', '.join(PII_TYPES)}")
+        check(
+            not unknown,
+            "types",
+            f"unknown PII type {unknown[0] if unknown else ''!r}; known: {', '.join(PII_TYPES)}",
+        )
 
 
 TOKENIZER_KINDS = ("bpe", "wordpiece")
@@ -138,10 +159,16 @@ class TokenizerConfig:
     vocab_size: int = option(8192, "vocabulary size including special tokens")
     min_frequency: int = option(2, "minimum pair frequency for a merge")
     from_model: str | None = option(None, "reuse the tokenizer of this model folder instead of training one")
-    max_train_bytes: int = option(200_000_000, "train on at most this many bytes of clean text (a seeded sample)")
+    max_train_bytes: int = option(
+        100_000_000, "train on at most this many bytes of clean text (a seeded sample)"
+    )
 
     def __post_init__(self) -> None:
-        check(self.kind in TOKENIZER_KINDS, "kind", f"must be one of {', '.join(TOKENIZER_KINDS)}, got {self.kind!r}")
+        check(
+            self.kind in TOKENIZER_KINDS,
+            "kind",
+            f"must be one of {', '.join(TOKENIZER_KINDS)}, got {self.kind!r}",
+        )
         check(256 <= self.vocab_size <= 1_000_000, "vocab_size", "must be between 256 and 1,000,000")
         check(self.min_frequency >= 1, "min_frequency", "must be >= 1")
         check(self.max_train_bytes > 0, "max_train_bytes", "must be > 0")
@@ -167,9 +194,13 @@ EXECUTORS = ("local", "ray")
 class PrepareConfig:
     """`llmk prepare`: raw files in; clean text, a tokenizer and train/val token shards out."""
 
-    inputs: list[str | InputSpec] = option(help="input files, folders or globs", factory=list, positional=True)
+    inputs: list[str | InputSpec] = option(
+        help="input files, folders or globs", factory=list, positional=True
+    )
     out: str = option("runs/data", "output folder (written atomically: it appears only when complete)")
-    text_field: str | None = option(None, "text field or column for inputs given as plain paths (default: auto)")
+    text_field: str | None = option(
+        None, "text field or column for inputs given as plain paths (default: auto)"
+    )
     split: str = option("file", "for .txt inputs given as plain paths: file, paragraph or line")
     clean: CleanConfig = option(factory=CleanConfig)
     filter: FilterConfig = option(factory=FilterConfig)
@@ -179,7 +210,9 @@ class PrepareConfig:
     pack: PackConfig = option(factory=PackConfig)
     workers: int = option(0, "worker processes for cleaning and tokenizing (0: one per CPU core)")
     executor: str = option("local", "local (process pool) or ray (Ray tasks; needs the 'ray' extra)")
-    ray_address: str | None = option(None, "Ray cluster address for executor: ray (default: start a local one)")
+    ray_address: str | None = option(
+        None, "Ray cluster address for executor: ray (default: start a local one)"
+    )
     batch_bytes: int = option(4_000_000, "raw bytes per work unit sent to a worker")
     strict: bool = option(False, "stop at the first malformed record instead of counting and skipping it")
     seed: int = option(0, "seed for the train/val split and the tokenizer training sample")
@@ -187,11 +220,17 @@ class PrepareConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        check(self.split in TXT_SPLITS, "split", f"must be one of {', '.join(TXT_SPLITS)}, got {self.split!r}")
+        check(
+            self.split in TXT_SPLITS, "split", f"must be one of {', '.join(TXT_SPLITS)}, got {self.split!r}"
+        )
         self.inputs = [
             InputSpec(path=i, text_field=self.text_field, split=self.split) if isinstance(i, str) else i
             for i in self.inputs
         ]
         check(self.workers >= 0, "workers", "must be >= 0 (0 means one per CPU core)")
-        check(self.executor in EXECUTORS, "executor", f"must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        check(
+            self.executor in EXECUTORS,
+            "executor",
+            f"must be one of {', '.join(EXECUTORS)}, got {self.executor!r}",
+        )
         check(self.batch_bytes >= 1024, "batch_bytes", "must be >= 1024")

@@ -32,7 +32,9 @@ class InlineExecutor:
 
     workers = 1
 
-    def imap(self, fn: Callable[..., Any], items: Iterable[Any], *args: Any, window: int = 0) -> Iterator[Any]:
+    def imap(
+        self, fn: Callable[..., Any], items: Iterable[Any], *args: Any, window: int = 0
+    ) -> Iterator[Any]:
         for item in items:
             yield fn(item, *args)
 
@@ -47,7 +49,9 @@ class LocalExecutor:
         self.workers = workers
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def imap(self, fn: Callable[..., Any], items: Iterable[Any], *args: Any, window: int = 0) -> Iterator[Any]:
+    def imap(
+        self, fn: Callable[..., Any], items: Iterable[Any], *args: Any, window: int = 0
+    ) -> Iterator[Any]:
         window = window or 2 * self.workers
         pending: deque[Future] = deque()
         for item in items:
@@ -73,7 +77,9 @@ class RayExecutor:
         self.workers = int(self._ray.cluster_resources().get("CPU", workers))
         self._remote: dict[Callable[..., Any], Any] = {}
 
-    def imap(self, fn: Callable[..., Any], items: Iterable[Any], *args: Any, window: int = 0) -> Iterator[Any]:
+    def imap(
+        self, fn: Callable[..., Any], items: Iterable[Any], *args: Any, window: int = 0
+    ) -> Iterator[Any]:
         window = window or 2 * self.workers
         remote = self._remote.setdefault(fn, self._ray.remote(fn))
         shared_args = [self._ray.put(a) for a in args]
@@ -90,7 +96,9 @@ class RayExecutor:
             self._ray.shutdown()
 
 
-def make_executor(kind: str, workers: int, ray_address: str | None = None) -> InlineExecutor | LocalExecutor | RayExecutor:
+def make_executor(
+    kind: str, workers: int, ray_address: str | None = None
+) -> InlineExecutor | LocalExecutor | RayExecutor:
     """The executor named by a stage config's `executor` field."""
     workers = default_workers(workers)
     if kind == "ray":

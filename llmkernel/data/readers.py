@@ -63,7 +63,9 @@ class ReadStats:
     malformed_records: int = 0
     malformed_examples: list[str] = field(default_factory=list)  # "file:line: why", first few only
     empty_records: int = 0
-    unreported: list[tuple[str, str]] = field(default_factory=list)  # malformed (where, why) not yet in excluded/
+    unreported: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # malformed (where, why) not yet in excluded/
 
     def malformed(self, where: str, why: str, strict: bool) -> None:
         if strict:
@@ -111,14 +113,18 @@ def format_of(spec: InputSpec, path: Path) -> str:
     extension, _ = split_compression(path)
     fmt = EXTENSIONS.get(extension)
     if fmt is None:
-        raise InputError(f"{path}: unknown file type '{extension or path.name}'; set format in a recipe input")
+        raise InputError(
+            f"{path}: unknown file type '{extension or path.name}'; set format in a recipe input"
+        )
     return fmt
 
 
 def resolve_inputs(specs: list[InputSpec]) -> list[tuple[InputSpec, Path | None]]:
     """Expand folders and globs into files (sorted); the demo corpus gives (spec, None)."""
     if not specs:
-        raise InputError("no inputs given: pass files, folders or globs, e.g. `llmk prepare data/*.txt --out runs/data`")
+        raise InputError(
+            "no inputs given: pass files, folders or globs, e.g. `llmk prepare data/*.txt --out runs/data`"
+        )
     resolved: list[tuple[InputSpec, Path | None]] = []
     for spec in specs:
         if spec.path == BUILTIN_DEMO:
@@ -132,7 +138,9 @@ def resolve_inputs(specs: list[InputSpec]) -> list[tuple[InputSpec, Path | None]
                 p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and _known(spec, p)
             )
             if not files:
-                raise InputError(f"{path}: folder has no readable files ({', '.join(sorted(EXTENSIONS))}, optionally .gz/.zst)")
+                raise InputError(
+                    f"{path}: folder has no readable files ({', '.join(sorted(EXTENSIONS))}, optionally .gz/.zst)"
+                )
         elif any(ch in spec.path for ch in "*?["):
             files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not files:
@@ -186,7 +194,9 @@ def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
             raise InputError(f"{path}: cannot read, the file may be corrupt ({error})") from None
 
 
-def read_documents(spec: InputSpec, path: Path | None, stats: ReadStats, strict: bool = False) -> Iterator[Document]:
+def read_documents(
+    spec: InputSpec, path: Path | None, stats: ReadStats, strict: bool = False
+) -> Iterator[Document]:
     """Every document of one input file, in file order."""
     if path is None:
         yield from _builtin_documents(spec, stats)
@@ -194,8 +204,15 @@ def read_documents(spec: InputSpec, path: Path | None, stats: ReadStats, strict:
     stats.files += 1
     fmt = format_of(spec, path)
     source = spec.source or str(path)
-    reader = {"txt": _read_txt, "jsonl": _read_jsonl, "json": _read_json, "csv": _read_table, "tsv": _read_table,
-              "parquet": _read_parquet, "html": _read_html}[fmt]
+    reader = {
+        "txt": _read_txt,
+        "jsonl": _read_jsonl,
+        "json": _read_json,
+        "csv": _read_table,
+        "tsv": _read_table,
+        "parquet": _read_parquet,
+        "html": _read_html,
+    }[fmt]
     for document in reader(spec, path, source, stats, strict, fmt):
         if document.text.strip():
             stats.documents += 1
@@ -287,7 +304,9 @@ def _read_json(spec, path, source, stats, strict, fmt) -> Iterator[Document]:
         data = lists[0] if len(lists) == 1 else [data]
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a list of records or an object holding one")
-    yield from _records(spec, path, source, stats, strict, ((f"{source}[{i}]", r) for i, r in enumerate(data)))
+    yield from _records(
+        spec, path, source, stats, strict, ((f"{source}[{i}]", r) for i, r in enumerate(data))
+    )
 
 
 def _read_table(spec, path, source, stats, strict, fmt) -> Iterator[Document]:
@@ -364,6 +383,7 @@ def _module_docs(name: str) -> str:
 
     module = importlib.import_module(name)
     parts = [f"{name}\n\n{inspect.getdoc(module) or ''}"]
+    seen = set()  # inherited docstrings repeat across classes (e.g. decimal's exceptions): keep the first
     with warnings.catch_warnings():  # e.g. typing.io's deprecation warning when its docstring is read
         warnings.simplefilter("ignore")
         for attr, value in sorted(vars(module).items()):
@@ -371,7 +391,8 @@ def _module_docs(name: str) -> str:
                 continue
             if inspect.isclass(value) or inspect.isfunction(value):
                 doc = inspect.getdoc(value)
-                if doc:
+                if doc and doc not in seen:
+                    seen.add(doc)
                     parts.append(f"{name}.{attr}\n\n{doc}")
     return "\n\n".join(parts)
 
@@ -380,6 +401,7 @@ def _builtin_documents(spec: InputSpec, stats: ReadStats) -> Iterator[Document]:
     """The demo corpus every Python has: the pydoc topic pages and standard-library docstrings."""
     from pydoc_data.topics import topics
 
+    stats.files += 1
     for name in sorted(topics):
         text = topics[name]
         stats.bytes += len(text.encode())

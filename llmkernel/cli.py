@@ -1,0 +1,107 @@
+"""`llmk`: one subcommand per stage, each built from that stage's config dataclass.
+
+Every stage accepts `--config recipe.yaml` and `--section.field value` overrides; `llmk STAGE --help` lists
+every field with its default. User errors print one line and exit with code 2; Ctrl-C exits with 130
+and leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmkernel import __version__
+from llmkernel.config import add_config_arguments, config_from_args
+from llmkernel.errors import EXIT_USER_ERROR, UserError
+
+
+@dataclass
+class Stage:
+    name: str
+    summary: str
+    config_class: Callable[[], type]  # imported lazily so `llmk --help` stays fast
+    run: Callable[[Any], Any]
+
+
+def _prepare_config() -> type:
+    from llmkernel.data.config import PrepareConfig
+
+    return PrepareConfig
+
+
+def _run_prepare(config: Any) -> None:
+    from llmkernel.data.pipeline import prepare
+
+    prepare(config)
+
+
+STAGES = [
+    Stage(
+        "prepare",
+        "raw files -> clean text, a trained tokenizer and train/val token shards",
+        _prepare_config,
+        _run_prepare,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmk",
+        description="LLM Kernel: raw text to a served, monitored and secured language model.",
+        epilog="Run `llmk STAGE --help` for every option of a stage. `llmk demo` runs the embedded example.",
+    )
+    parser.add_argument("--version", action="version", version=f"llmk {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for stage in STAGES:
+        sub = commands.add_parser(stage.name, help=stage.summary, description=stage.summary)
+        add_config_arguments(sub, stage.config_class())
+        sub.set_defaults(stage=stage)
+    demo = commands.add_parser(
+        "demo", help="run the pipeline on an embedded corpus (CPython's own docs), no download"
+    )
+    demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
+    demo.add_argument("--force", action="store_true", help="run again even when the outputs are up to date")
+    demo.set_defaults(stage=None, command="demo")
+    run = commands.add_parser("run", help="run the stages of a YAML recipe in order (e.g. recipes/demo.yaml)")
+    run.add_argument("recipe", help="YAML file with one section per stage: prepare, ...")
+    run.add_argument(
+        "--force", action="store_true", help="run every stage even when its outputs are up to date"
+    )
+    run.set_defaults(stage=None, command="run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "demo":
+            from llmkernel.pipeline import run_demo
+
+            run_demo(args.out, force=args.force)
+        elif args.command == "run":
+            from llmkernel.pipeline import run_recipe
+
+            run_recipe(args.recipe, force=args.force)
+        else:
+            args.stage.run(config_from_args(args.stage.config_class(), args))
+    except UserError as error:
+        print(f"llmk {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"llmk {args.command}: interrupted; partial outputs were removed", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

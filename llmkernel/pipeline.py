@@ -1,0 +1,117 @@
+"""`llmk run RECIPE.yaml` and `llmk demo`: chain the stages, each reading the folder the previous one wrote.
+
+A recipe has one section per stage, in pipeline order (prepare, then later stages as they land); each
+section holds that stage's config fields. `llmk demo` is the same thing on an embedded recipe whose input
+is the documentation every CPython ships, so it runs anywhere with no download.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from llmkernel.config import build, load_yaml
+from llmkernel.errors import ConfigError
+
+STAGE_ORDER = ("prepare",)
+
+# The embedded demo; recipes/demo.yaml holds the same recipe (a test keeps them equal).
+DEMO_RECIPE: dict[str, Any] = {
+    "prepare": {
+        "inputs": ["builtin:python-docs"],
+        "out": "runs/demo/data",
+        "tokenizer": {"kind": "bpe", "vocab_size": 4096},
+        "pack": {"val_fraction": 0.05},
+    }
+}
+
+
+def _stage_config(stage: str, section: dict[str, Any], force: bool) -> Any:
+    if stage == "prepare":
+        from llmkernel.data.config import PrepareConfig
+
+        if not isinstance(section, dict):
+            raise ConfigError("prepare: expected a mapping of config fields")
+        return build(
+            PrepareConfig, {**section, "force": force or section.get("force", False)}, prefix="prepare."
+        )
+    raise ConfigError(f"unknown stage '{stage}'")
+
+
+def _run_stage(stage: str, config: Any) -> dict[str, Any]:
+    if stage == "prepare":
+        from llmkernel.data.pipeline import prepare
+
+        return prepare(config)
+    raise ConfigError(f"unknown stage '{stage}'")
+
+
+def run_stages(recipe: dict[str, Any], force: bool = False) -> dict[str, dict[str, Any]]:
+    """Validate every section first (so a typo fails before hours of work), then run them in order."""
+    unknown = sorted(set(recipe) - set(STAGE_ORDER))
+    if unknown:
+        raise ConfigError(f"unknown recipe section '{unknown[0]}'; known stages: {', '.join(STAGE_ORDER)}")
+    configs = {stage: _stage_config(stage, recipe[stage], force) for stage in STAGE_ORDER if stage in recipe}
+    if not configs:
+        raise ConfigError(f"the recipe has no stage sections; add one of: {', '.join(STAGE_ORDER)}")
+    return {stage: _run_stage(stage, config) for stage, config in configs.items()}
+
+
+def run_recipe(path: str | Path, force: bool = False) -> dict[str, dict[str, Any]]:
+    return run_stages(load_yaml(path), force=force)
+
+
+def demo_recipe(out: str | Path) -> dict[str, Any]:
+    """The demo recipe with its outputs under `out`."""
+    recipe = copy.deepcopy(DEMO_RECIPE)
+    recipe["prepare"]["out"] = str(Path(out) / "data")
+    return recipe
+
+
+def run_demo(out: str | Path = "runs/demo", force: bool = False) -> None:
+    recipe = demo_recipe(out)
+    print(
+        "LLM Kernel demo: preparing a corpus from the documentation that ships with this Python\n"
+        "(pydoc topic pages and standard-library docstrings), with no download.\n"
+    )
+    run_stages(recipe, force=force)
+    explain_prepare(Path(recipe["prepare"]["out"]))
+
+
+def explain_prepare(data: Path) -> None:
+    """Tell a new user what `llmk prepare` wrote and show a little of each output."""
+    import json
+
+    from llmkernel.data.loader import TokenShards
+    from llmkernel.data.pipeline import iter_parts
+    from llmkernel.data.tokenizer import load_tokenizer
+
+    stats = json.loads((data / "stats.json").read_text())
+    tokenizer = load_tokenizer(data / "tokenizer")
+    first = next(iter_parts(data / "clean"))
+    masked = next(
+        (r for r in iter_parts(data / "clean") if "<EMAIL>" in r["text"] or "<IP_ADDRESS>" in r["text"]), None
+    )
+    val = TokenShards(data, "val")
+    sample_tokens = val.window(0, min(40, val.num_tokens)).tolist()
+    sentence = "Lists are mutable sequences, typically used to store collections of items."
+    pieces = tokenizer.tokenize(sentence)
+    print(f"""
+What the demo produced in {data}/:
+  clean/      {stats["output"]["documents"]:,} kept documents as jsonl.gz (id, source, text); first: {first["id"]}
+  excluded/   {sum(stats["dropped"].values()):,} dropped documents, each with its reason ({", ".join(stats["dropped"]) or "none"})
+  tokenizer/  a byte-level BPE with {len(tokenizer):,} tokens; `AutoTokenizer.from_pretrained("{data}/tokenizer")` loads it
+              "{sentence}"
+              -> {len(pieces)} tokens: {" ".join(pieces[:14])} ...
+  train/ val/ token shards ({stats["tokens"].get("train", 0):,} / {stats["tokens"].get("val", 0):,} tokens, {val.dtype.name}), described by shards.json
+              the first val tokens decode to: {tokenizer.decode(sample_tokens)[:160]!r}
+  stats.json  the counts printed above; run.json: config, input hashes, outputs and wall time""")
+    if masked:
+        at = min(i for i in (masked["text"].find("<EMAIL>"), masked["text"].find("<IP_ADDRESS>")) if i >= 0)
+        print(
+            f"  PII         masked in place, e.g. in {masked['id']}: ...{masked['text'][max(0, at - 60) : at + 40]!r}..."
+        )
+    print(
+        "\nRun `llmk demo` again and it is skipped as up to date; `llmk prepare --help` lists every option."
+    )
