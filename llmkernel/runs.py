@@ -100,12 +100,21 @@ def check_writable_parent(out: Path) -> None:
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
 
 
+def _remove_stale_staging(out: Path) -> None:
+    """Remove staging folders of runs of `out` that were killed (SIGKILL leaves them; their pid is gone)."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staging_folder(out: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside `out`; on success it replaces `out`, on any error it is removed."""
     out = Path(out)
     check_writable_parent(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

@@ -290,7 +290,9 @@ def _route(
     kept.write({"id": doc.id, "source": doc.source, "text": doc.text})
 
 
-def _tokenizer_texts(clean: Path, stats: PrepareStats, max_bytes: int, seed: int) -> Iterator[str]:
+def _tokenizer_texts(
+    clean: Path, stats: PrepareStats, max_bytes: int, seed: int, progress: tqdm
+) -> Iterator[str]:
     """The clean texts the tokenizer trains on: all of them, or a seeded sample of about `max_bytes`."""
     keep = min(1.0, max_bytes / max(1, stats.steps["pii"].bytes_out))
     rng = random.Random(seed)
@@ -298,8 +300,10 @@ def _tokenizer_texts(clean: Path, stats: PrepareStats, max_bytes: int, seed: int
     for record in iter_parts(clean):
         if keep < 1.0 and rng.random() >= keep:
             continue
+        size = len(record["text"].encode())
         tokenizer_step.documents_in += 1
-        tokenizer_step.bytes_in += len(record["text"].encode())
+        tokenizer_step.bytes_in += size
+        progress.update(size)
         yield record["text"]
 
 
@@ -370,8 +374,15 @@ def _tokenizer_step(config: PrepareConfig, stage: Path, stats: PrepareStats) -> 
     if config.tokenizer.from_model:
         tokenizer = reuse_tokenizer(config.tokenizer.from_model, stage / "tokenizer")
     else:
-        texts = _tokenizer_texts(stage / "clean", stats, config.tokenizer.max_train_bytes, config.seed)
-        tokenizer = train_tokenizer(texts, config.tokenizer, stage / "tokenizer")
+        total = min(config.tokenizer.max_train_bytes, stats.steps["pii"].bytes_out)
+        progress = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer", disable=not config.progress)
+        texts = _tokenizer_texts(
+            stage / "clean", stats, config.tokenizer.max_train_bytes, config.seed, progress
+        )
+        try:
+            tokenizer = train_tokenizer(texts, config.tokenizer, stage / "tokenizer")
+        finally:
+            progress.close()
     step = stats.steps["tokenizer"]
     step.seconds = time.perf_counter() - clock
     step.documents_out = step.documents_in

@@ -196,3 +196,32 @@ def test_cli_help_lists_every_field():
         assert flag in result.stdout
     version = run_llmk("--version")
     assert version.returncode == 0 and version.stdout.startswith("llmk ")
+
+
+def _clean_records(out: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for part in sorted((out / "clean").glob("*.jsonl.gz"))
+        for line in gzip.open(part, "rt")
+    ]
+
+
+@pytest.mark.e2e
+def test_ray_executor_gives_the_same_output_as_local(corpus, tmp_path):
+    pytest.importorskip("ray", reason="the 'ray' extra is not installed")
+    common = [
+        str(corpus / "books"),
+        str(corpus / "zh.txt"),
+        "--tokenizer.vocab_size",
+        "400",
+        "--progress",
+        "false",
+    ]
+    local = run_llmk("prepare", *common, "--out", str(tmp_path / "local"), "--workers", "1")
+    ray = run_llmk("prepare", *common, "--out", str(tmp_path / "ray"), "--executor", "ray", "--workers", "2")
+    assert local.returncode == 0, local.stderr
+    assert ray.returncode == 0, ray.stderr
+    assert _clean_records(tmp_path / "ray") == _clean_records(tmp_path / "local")
+    for name in ("shards.json", "train/shard_00000.bin", "val/shard_00000.bin"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert json.loads((tmp_path / "ray" / "run.json").read_text())["config"]["executor"] == "ray"
