@@ -225,3 +225,34 @@ def test_ray_executor_gives_the_same_output_as_local(corpus, tmp_path):
     for name in ("shards.json", "train/shard_00000.bin", "val/shard_00000.bin"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     assert json.loads((tmp_path / "ray" / "run.json").read_text())["config"]["executor"] == "ray"
+
+
+@pytest.mark.e2e
+def test_sigterm_leaves_no_output_and_no_staging(corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(40):  # enough work that the signal lands mid-run
+        (big / f"b{i}.txt").write_text(prose(100 + i, 20000))
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmkernel.cli", "prepare", str(big), "--out", str(out), "--progress", "false"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
