@@ -37,7 +37,31 @@ def _prepare_config() -> type:
 def _run_prepare(config: Any) -> None:
     from llmkernel.data.pipeline import prepare
 
-    prepare(config)
+    return prepare(config)
+
+
+def _pretrain_config() -> type:
+    from llmkernel.train.config import PretrainConfig
+
+    return PretrainConfig
+
+
+def _run_pretrain(config: Any) -> None:
+    from llmkernel.train.pretrain import pretrain
+
+    return pretrain(config)
+
+
+def _serve_config() -> type:
+    from llmkernel.serve.config import ServeConfig
+
+    return ServeConfig
+
+
+def _run_serve(config: Any) -> None:
+    from llmkernel.serve.server import serve
+
+    serve(config)
 
 
 STAGES = [
@@ -46,6 +70,18 @@ STAGES = [
         "raw files -> clean text, a trained tokenizer and train/val token shards",
         _prepare_config,
         _run_prepare,
+    ),
+    Stage(
+        "serve",
+        "serve a model folder over HTTP: OpenAI-compatible routes, API keys, rate limits, metrics",
+        _serve_config,
+        _run_serve,
+    ),
+    Stage(
+        "pretrain",
+        "token shards -> a decoder (clm) or an encoder (mlm), from scratch or continued",
+        _pretrain_config,
+        _run_pretrain,
     ),
 ]
 
@@ -74,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="run every stage even when its outputs are up to date"
     )
     run.set_defaults(stage=None, command="run")
+    keys = commands.add_parser("keys", help="manage the API keys of `llmk serve --api_keys FILE`")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = keys_commands.add_parser("create", help="add a new key: printed once, only its hash is stored")
+    create.add_argument(
+        "--keys-file", required=True, help="JSON keys file to add the key to (created if missing)"
+    )
+    create.add_argument("--name", help="name of the key, shown in request logs (default: key-N)")
+    keys.set_defaults(stage=None, command="keys")
     return parser
 
 
@@ -99,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             from llmkernel.pipeline import run_recipe
 
             run_recipe(args.recipe, force=args.force)
+        elif args.command == "keys":
+            from llmkernel.serve.security import create_key
+
+            key, entry = create_key(args.keys_file, args.name)
+            print(key)
+            print(
+                f"key '{entry.name}' added to {args.keys_file}; it is shown only this once", file=sys.stderr
+            )
         else:
             args.stage.run(config_from_args(args.stage.config_class(), args))
     except UserError as error:

@@ -14,7 +14,7 @@ from typing import Any
 from llmkernel.config import build, load_yaml
 from llmkernel.errors import ConfigError
 
-STAGE_ORDER = ("prepare",)
+STAGE_ORDER = ("prepare", "pretrain")  # recipe sections run in this order
 
 # The embedded demo; recipes/demo.yaml holds the same recipe (a test keeps them equal).
 DEMO_RECIPE: dict[str, Any] = {
@@ -27,24 +27,24 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
-def _stage_config(stage: str, section: dict[str, Any], force: bool) -> Any:
-    if stage == "prepare":
-        from llmkernel.data.config import PrepareConfig
+def _stage(name: str):
+    from llmkernel.cli import STAGES  # the one registry of stages and their config classes
 
-        if not isinstance(section, dict):
-            raise ConfigError("prepare: expected a mapping of config fields")
-        return build(
-            PrepareConfig, {**section, "force": force or section.get("force", False)}, prefix="prepare."
-        )
-    raise ConfigError(f"unknown stage '{stage}'")
+    return next(stage for stage in STAGES if stage.name == name)
+
+
+def _stage_config(stage: str, section: dict[str, Any], force: bool) -> Any:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{stage}: expected a mapping of config fields")
+    return build(
+        _stage(stage).config_class(),
+        {**section, "force": force or section.get("force", False)},
+        prefix=f"{stage}.",
+    )
 
 
 def _run_stage(stage: str, config: Any) -> dict[str, Any]:
-    if stage == "prepare":
-        from llmkernel.data.pipeline import prepare
-
-        return prepare(config)
-    raise ConfigError(f"unknown stage '{stage}'")
+    return _stage(stage).run(config)
 
 
 def run_stages(recipe: dict[str, Any], force: bool = False) -> dict[str, dict[str, Any]]:

@@ -180,10 +180,14 @@ class PackConfig:
 
     enabled: bool = option(True, "tokenize and write shards (false stops after the tokenizer)")
     val_fraction: float = option(0.05, "share of documents held out for validation (at least one when > 0)")
+    val_selection: str = option(
+        "random", "which documents: random (seeded sample) or last (the end of the corpus)"
+    )
     shard_tokens: int = option(100_000_000, "tokens per shard file")
 
     def __post_init__(self) -> None:
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        check(self.val_selection in ("random", "last"), "val_selection", "must be random or last")
         check(self.shard_tokens >= 1024, "shard_tokens", "must be >= 1024")
 
 

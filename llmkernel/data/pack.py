@@ -42,8 +42,9 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def val_indices(num_documents: int, val_fraction: float, seed: int) -> set[int]:
-    """Indices of the documents held out for validation: a seeded sample of round(fraction * n).
+def val_indices(num_documents: int, val_fraction: float, seed: int, selection: str = "random") -> set[int]:
+    """Indices of the documents held out for validation: round(fraction * n) of them, a seeded random
+    sample or (selection "last") the last documents in corpus order, e.g. the end of a single text.
 
     At least one when val_fraction > 0 and there are two or more documents, and never all of them,
     so both splits have data whenever that is possible.
@@ -52,6 +53,8 @@ def val_indices(num_documents: int, val_fraction: float, seed: int) -> set[int]:
     if val_fraction > 0 and num_documents >= 2:
         count = max(count, 1)
     count = min(count, max(num_documents - 1, 0))
+    if selection == "last":
+        return set(range(num_documents - count, num_documents))
     return set(random.Random(seed).sample(range(num_documents), count))
 
 
@@ -65,20 +68,27 @@ def pack_documents(
     seed: int,
     executor: Any,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
+    total_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize `documents` ((doc_id, text) in corpus order, streamed) into shards under `out_dir`.
 
+    With `config.val_selection == "last"` and `total_bytes` (UTF-8 bytes of all documents) given, the
+    validation split is the documents that start in the last `val_fraction` of the bytes, e.g. the
+    last 10% of one long text split into paragraphs; otherwise it is chosen by document count.
     Returns the shards.json dict (also written to out_dir/shards.json).
     """
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = len(tokenizer)
     separator_id = document_separator_id(tokenizer)
     dtype = token_dtype(vocab_size)
-    held_out = val_indices(num_documents, config.val_fraction, seed)
+    held_out = val_indices(num_documents, config.val_fraction, seed, config.val_selection)
+    is_val = lambda index, text: index in held_out
+    if config.val_selection == "last" and total_bytes and config.val_fraction > 0:
+        is_val = _tail_by_bytes(total_bytes * (1 - config.val_fraction))
 
     writers = {split: _ShardWriter(out_dir, split, dtype, config.shard_tokens) for split in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
-    batches = _batches(documents, held_out, num_documents, batch_bytes)
+    batches = _batches(documents, is_val, num_documents, batch_bytes)
     try:
         for train_tokens, val_tokens, n_train, n_val in executor.imap(
             _encode_batch, batches, str(tokenizer_dir), separator_id, dtype
@@ -117,8 +127,20 @@ def _tokenizer_reference(tokenizer_dir: Path, out_dir: Path) -> str:
     return os.path.relpath(resolved, out) if resolved.is_relative_to(out) else str(tokenizer_dir)
 
 
+def _tail_by_bytes(train_bytes: float):
+    """A val test for streamed documents: true for those starting after the first `train_bytes` bytes."""
+    seen = [0]
+
+    def is_val(index: int, text: str) -> bool:
+        start = seen[0]
+        seen[0] += len(text.encode())
+        return index > 0 and start >= train_bytes
+
+    return is_val
+
+
 def _batches(
-    documents: Iterable[tuple[str, str]], held_out: set[int], num_documents: int, batch_bytes: int
+    documents: Iterable[tuple[str, str]], is_val, num_documents: int, batch_bytes: int
 ) -> Iterator[tuple[list[str], list[bool]]]:
     """Consecutive documents grouped into work items of about `batch_bytes` characters, with val flags."""
     texts: list[str] = []
@@ -129,7 +151,7 @@ def _batches(
         if index >= num_documents:
             raise ValueError(f"pack_documents got more documents than num_documents={num_documents}")
         texts.append(text)
-        flags.append(index in held_out)
+        flags.append(is_val(index, text))
         size += len(text)
         if size >= batch_bytes:
             yield texts, flags

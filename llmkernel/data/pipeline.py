@@ -412,6 +412,7 @@ def _pack_step(config: PrepareConfig, stage: Path, stats: PrepareStats, executor
             seed=config.seed,
             executor=executor,
             batch_bytes=config.batch_bytes,
+            total_bytes=kept.bytes_out,
         )
     finally:
         progress.close()

@@ -63,7 +63,9 @@ def gguf_to_hf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"{gguf_file}: cannot read this GGUF file ({error})") from None
-    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    config = AutoConfig.for_model(
+        **{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    )
     # Rebuild a plain model from the config so nothing of the GGUF loader (quantization_config) is saved.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
@@ -100,7 +102,9 @@ def resolve_model(spec: str | Path) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if path.is_dir():
-        raise InputError(f"{path} is not a model folder (no config.json); pass an HF model folder or a .gguf file")
+        raise InputError(
+            f"{path} is not a model folder (no config.json); pass an HF model folder or a .gguf file"
+        )
     raise InputError(
         f"model '{name}' not found: pass an HF model folder, a .gguf file or one of {', '.join(KNOWN_MODELS)}"
     )

@@ -1,0 +1,116 @@
+"""Checkpoints: atomic, the last K kept, with model, optimizer, scheduler, RNG states and the data position.
+
+A checkpoint is a folder `checkpoints/step_000123/` holding `state.pt` and the resolved `config.json`,
+written through a staging folder so a killed run never leaves a checkpoint that looks complete. The data
+position is the step itself: batches are a deterministic function of (seed, step, rank), so a resumed
+run sees exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from llmkernel.runs import atomic_write_json, staging_folder
+from llmkernel.train import dist
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng(rank_info: dist.DistInfo) -> list[dict[str, Any]]:
+    states = [None] * rank_info.world_size
+    if dist.is_distributed():
+        torch_dist.all_gather_object(states, _rng_state())
+    else:
+        states[0] = _rng_state()
+    return states
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: dict[str, Any],
+    extra: dict[str, Any],
+    keep: int,
+    rank_info: dist.DistInfo,
+) -> Path | None:
+    """Save a checkpoint for `step` (collective: every rank calls it; rank 0 writes). Returns its folder."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    rng = _gather_rng(rank_info)
+    folder = Path(out) / CHECKPOINTS / f"step_{step:06d}"
+    if rank_info.is_main:
+        state = {
+            "step": step,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng,
+            "extra": extra,
+        }
+        with staging_folder(folder) as stage:
+            torch.save(state, stage / STATE_FILE)
+            atomic_write_json(stage / "config.json", config)
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+
+
+def load_checkpoint(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank_info: dist.DistInfo,
+) -> dict[str, Any]:
+    """Restore everything saved by `save_checkpoint`; returns {"step": ..., "extra": ...}."""
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    _set_rng_state(rng[rank_info.rank] if rank_info.rank < len(rng) and rng[rank_info.rank] else rng[0])
+    return {"step": state["step"], "extra": state.get("extra", {})}

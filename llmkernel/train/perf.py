@@ -1,0 +1,55 @@
+"""Hardware settings and measurements for training: CPU threads, precision, and the fp32 matmul peak."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+
+def configure_threads(threads: int, processes: int) -> int:
+    """Use `threads` CPU threads, or the cores this process may use divided among the processes."""
+    if threads <= 0:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // max(1, processes))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def autocast_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it (dtype auto or bf16); fp32 (no autocast) on CPU.
+
+    bf16 matmul is ~60x slower than fp32 on the AVX2 CPUs we test on, so auto never picks it there.
+    """
+    if dtype == "fp32":
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if dtype == "bf16":
+        return torch.bfloat16
+    return None
+
+
+def matmul_peak_flops(size: int = 1024, seconds: float = 0.6) -> float:
+    """Measured fp32 matmul FLOP/s of this process (best of repeated size x size products)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    for _ in range(3):  # warm-up
+        a @ b
+    while time.perf_counter() < deadline:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
+    return best

@@ -1,0 +1,164 @@
+"""`llmk pretrain` through the real CLI: SIGKILL and resume, torchrun with 2 processes, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, run_llmk
+
+COMMON = [
+    "--model.size",
+    "tiny",
+    "--train.batch_size",
+    "8",
+    "--train.seq_len",
+    "32",
+    "--train.log_every",
+    "1",
+    "--train.eval_batches",
+    "2",
+    "--train.sample_tokens",
+    "0",
+    "--train.threads",
+    "1",
+    "--progress",
+    "false",
+    "--optim.warmup_steps",
+    "2",
+]
+
+
+def losses(out) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["split"] == "train"]
+
+
+@pytest.mark.e2e
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(bpe_data, tmp_path):
+    args = [
+        "pretrain",
+        "--data",
+        str(bpe_data),
+        *COMMON,
+        "--train.max_steps",
+        "40",
+        "--train.checkpoint_every",
+        "10",
+    ]
+    straight = run_llmk(*args, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmkernel.cli", *args, "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step_000020").is_dir() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "run.json").exists()  # an interrupted run never looks finished
+    resumed = run_llmk(*args, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    final = json.loads((tmp_path / "straight" / "run.json").read_text())["metrics"]
+    final_resumed = json.loads((out / "run.json").read_text())["metrics"]
+    assert final_resumed["train_loss"] == pytest.approx(final["train_loss"], abs=1e-6)
+    assert final_resumed["val_loss"] == pytest.approx(final["val_loss"], abs=1e-6)
+
+
+@pytest.mark.e2e
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(bpe_data, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmkernel.cli",
+            "pretrain",
+            "--data",
+            str(bpe_data),
+            *COMMON,
+            "--train.max_steps",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Continue with --resume" in stdout
+    assert (out / "checkpoints").is_dir() and not (out / "run.json").exists()
+
+
+@pytest.mark.e2e
+def test_two_processes_match_one_with_the_same_global_batch(bpe_data, tmp_path):
+    common = ["--data", str(bpe_data), *COMMON, "--train.max_steps", "4"]
+    one = run_llmk("pretrain", *common, "--out", str(tmp_path / "one"), "--train.batch_size", "8")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            "-m",
+            "llmkernel.cli",
+            "pretrain",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+            "--train.batch_size",
+            "4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+
+
+@pytest.mark.e2e
+def test_cli_errors_exit_2(bpe_data, tmp_path):
+    cases = [
+        (["--data", str(tmp_path)], "no token shards"),
+        (
+            ["--data", str(bpe_data), "--model.init_from", "all-minilm-l6-v2", "--objective", "mlm"],
+            "vocabulary",
+        ),
+        (["--data", str(bpe_data), "--model.context_length", "16"], "larger than model.context_length"),
+        (["--data", str(bpe_data), "--train.lr", "1"], "unrecognized arguments: --train.lr"),
+    ]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases.append((["--data", str(bpe_data), "--out", str(blocker / "sub")], "not a writable folder"))
+    for args, message in cases:
+        result = run_llmk(
+            "pretrain", *COMMON, *args, *([] if "--out" in args else ["--out", str(tmp_path / "o")])
+        )
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
