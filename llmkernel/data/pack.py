@@ -82,7 +82,10 @@ def pack_documents(
     separator_id = document_separator_id(tokenizer)
     dtype = token_dtype(vocab_size)
     held_out = val_indices(num_documents, config.val_fraction, seed, config.val_selection)
-    is_val = lambda index, text: index in held_out
+
+    def is_val(index: int, text: str) -> bool:
+        return index in held_out
+
     if config.val_selection == "last" and total_bytes and config.val_fraction > 0:
         is_val = _tail_by_bytes(total_bytes * (1 - config.val_fraction))
 
