@@ -23,7 +23,21 @@ DEMO_RECIPE: dict[str, Any] = {
         "out": "runs/demo/data",
         "tokenizer": {"kind": "bpe", "vocab_size": 4096},
         "pack": {"val_fraction": 0.05},
-    }
+    },
+    "pretrain": {
+        "data": "runs/demo/data",
+        "out": "runs/demo/model",
+        "objective": "clm",
+        "model": {"size": "tiny", "layers": 2, "width": 128, "heads": 4, "kv_heads": 2},
+        "train": {
+            "batch_size": 16,
+            "seq_len": 128,
+            "max_steps": 150,
+            "eval_every": 75,
+            "checkpoint_every": 75,
+        },
+        "optim": {"lr": 0.003, "warmup_steps": 20},
+    },
 }
 
 
@@ -65,7 +79,8 @@ def run_recipe(path: str | Path, force: bool = False) -> dict[str, dict[str, Any
 def demo_recipe(out: str | Path) -> dict[str, Any]:
     """The demo recipe with its outputs under `out`."""
     recipe = copy.deepcopy(DEMO_RECIPE)
-    recipe["prepare"]["out"] = str(Path(out) / "data")
+    recipe["prepare"]["out"] = recipe["pretrain"]["data"] = str(Path(out) / "data")
+    recipe["pretrain"]["out"] = str(Path(out) / "model")
     return recipe
 
 
@@ -112,6 +127,27 @@ What the demo produced in {data}/:
         print(
             f"  PII         masked in place, e.g. in {masked['id']}: ...{masked['text'][max(0, at - 60) : at + 40]!r}..."
         )
-    print(
-        "\nRun `llmk demo` again and it is skipped as up to date; `llmk prepare --help` lists every option."
+
+
+def explain_pretrain(model_dir: Path, metrics: dict[str, Any]) -> None:
+    """Tell a new user what `llmk pretrain` wrote and let the model write a few lines."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = "The for statement"
+    torch.manual_seed(0)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    output = model.generate(
+        ids, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=40, pad_token_id=tokenizer.pad_token_id
     )
+    print(f"""
+What the demo trained in {model_dir}/:
+  a {metrics.get("parameters", 0) / 1e6:.2f}M-parameter decoder after {metrics.get("step")} steps
+  ({metrics.get("tokens_seen", 0):,} tokens): validation loss {metrics.get("val_loss", float("nan")):.3f},
+  {metrics.get("val_bits_per_byte", float("nan")):.3f} bits per byte (a uniform guess over bytes would be 8)
+  config.json, model.safetensors, tokenizer: an HF folder, `AutoModelForCausalLM.from_pretrained("{model_dir}")`
+  checkpoints/ (resume with --resume), metrics.jsonl, tb/ (tensorboard --logdir {model_dir}/tb), run.json
+  a sample from the prompt {prompt!r}:
+    {tokenizer.decode(output[0].tolist())!r}""")

@@ -178,8 +178,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def reuse_tokenizer(model_dir: str | Path, out_dir: Path) -> PreTrainedTokenizerFast:
-    """Copy the tokenizer of the HF model folder `model_dir` into `out_dir` (as tokenizer.json and config)."""
-    tokenizer = load_tokenizer(model_dir)
+    """Copy the tokenizer of a model into `out_dir` (as tokenizer.json and config).
+
+    `model_dir` is an HF model folder, a .gguf file or a known offline model name (see models.loading).
+    """
+    from llmkernel.models.loading import resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model_dir))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
