@@ -35,8 +35,11 @@ class Task(Protocol):
     ) -> list[dict[str, torch.Tensor]]:
         """The `count` micro-batches of optimizer step `step` for this rank (a pure function of its arguments)."""
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """(sum of the per-token losses, number of predicted tokens) of one micro-batch."""
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Number of tokens whose loss `loss` sums for this micro-batch (known before the forward pass)."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the per-token losses of one micro-batch."""
 
     def evaluate(
         self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
@@ -142,7 +145,12 @@ def run_loop(
         # 4. one optimizer step
         model.train()
         batches = task.micro_batches(step, config.grad_accum, rank_info.rank, rank_info.world_size)
-        losses, step_count = [], 0
+        local_count = torch.tensor(float(sum(task.count(batch) for batch in batches)), dtype=torch.float64)
+        global_count = max(1.0, dist.all_reduce_sum(local_count.to(device)).item())
+        # DDP averages gradients over ranks, so scaling each rank's summed loss by world_size / global_count
+        # gives the gradient of the mean loss over every predicted token of the step (all micro-batches, ranks).
+        scale = rank_info.world_size / global_count
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
         for index, batch in enumerate(batches):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             last = index == len(batches) - 1
@@ -154,19 +162,10 @@ def run_loop(
             )
             with sync:
                 with _autocast(device, autocast_dtype):
-                    loss_sum, count = task.loss(train_module, batch)
-                loss_sum.backward()  # gradients of the summed loss; normalised once the global count is known
-            losses.append(loss_sum.detach().double())
-            step_count += count
-        local = torch.stack([torch.stack(losses).sum(), torch.tensor(float(step_count), dtype=torch.float64)])
-        loss_total, global_count = dist.all_reduce_sum(local.to(device)).cpu().tolist()
-        global_count = max(1.0, global_count)
-        # DDP averaged the summed-loss gradients over ranks: multiplying by world_size / global_count turns
-        # them into the gradient of the mean loss over every predicted token of the step, on every rank.
-        scale = rank_info.world_size / global_count
-        for parameter in model.parameters():
-            if parameter.grad is not None:
-                parameter.grad.mul_(scale)
+                    loss_sum = task.loss(train_module, batch)
+                (loss_sum * scale).backward()
+            loss_total += loss_sum.detach().double()
+        loss_total = dist.all_reduce_sum(loss_total).item()
         if grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         else:

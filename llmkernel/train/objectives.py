@@ -80,11 +80,14 @@ class CausalLM:
             batches.append({"input_ids": inputs, "labels": targets})
         return batches
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["labels"].numel()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (batch, seq, vocab)
-        labels = batch["labels"]
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), labels.view(-1), reduction="sum")
-        return loss, labels.numel()
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)).float(), batch["labels"].view(-1), reduction="sum"
+        )
 
     @torch.no_grad()
     def evaluate(
@@ -211,9 +214,12 @@ class MaskedLM:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return MaskedPositionsLM(model)
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        logits = model(batch["input_ids"], batch["positions"])
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["labels"].numel()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch["input_ids"], batch["positions"])  # (masked tokens, vocab)
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
     @torch.no_grad()
     def evaluate(
