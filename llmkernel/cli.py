@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="run every stage even when its outputs are up to date"
     )
     run.set_defaults(stage=None, command="run")
-    keys = commands.add_parser("keys", help="manage the API keys of `llmk serve --api_keys FILE`")
+    keys = commands.add_parser("keys", help="manage the API keys of `llmk serve --api-keys FILE`")
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     create = keys_commands.add_parser("create", help="add a new key: printed once, only its hash is stored")
     create.add_argument(

@@ -221,7 +221,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         inner, _ = _unwrap_optional(tp)
         is_list = typing.get_origin(inner) is list
         if f.metadata.get("positional"):
-            parser.add_argument(dotted, nargs="*", default=argparse.SUPPRESS, help=f"{help_text}")
+            parser.add_argument(dotted, nargs="*" if is_list else "?", default=argparse.SUPPRESS, help=f"{help_text}")
             continue
         group_name = dotted.rpartition(".")[0]
         if group_name and group_name not in groups:
@@ -238,7 +238,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif is_list:
             kwargs.update(nargs="*")
-        target.add_argument(f"--{dotted}", **kwargs)
+        names = [f"--{dotted}"]
+        if "_" in dotted:  # --api-keys and --api_keys both work
+            names.append(f"--{dotted.replace('_', '-')}")
+        target.add_argument(*names, **kwargs)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,0 +1,379 @@
+"""The FastAPI app: `create_app(config)` wires the model, security, metrics and alerts into one ASGI app.
+
+Everything a route needs lives in one `Services` object on `app.state.services`, built here and injected;
+nothing is read from module globals, so a process can hold many apps (the tests do). The model loads in
+the background once the app starts: /health answers at once, /ready and the /v1 routes answer 503 until
+the model is loaded and has run one warm-up request.
+
+Middleware, outermost first: RequestObserver (request id, drain 503s, metrics, access log), then
+BodySizeLimitMiddleware (413). Routes: /health, /ready, /metrics, /v1/models here; the /v1 model routes
+in routes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from llmkernel import __version__
+from llmkernel.serve.alerts import AlertEvaluator, load_rules
+from llmkernel.serve.config import ServeConfig
+from llmkernel.serve.encoders import ROUTES, EncoderModel, MicroBatcher, model_task
+from llmkernel.serve.metrics import Lifecycle, Metrics, RequestObserver
+from llmkernel.serve.schemas import AUTH_ERRORS, ApiError, Health, ModelCard, ModelList, Readiness
+from llmkernel.serve.security import (
+    BodySizeLimitMiddleware,
+    KeyStore,
+    PiiMasker,
+    RateLimiter,
+    limit_request_rate,
+    require_api_key,
+    require_metrics_access,
+)
+
+log = logging.getLogger("llmkernel.serve")
+EngineFactory = Callable[[Path, ServeConfig], Any]
+
+
+def default_engine_factory(model_dir: Path, config: ServeConfig) -> Any:
+    """The continuous-batching engine of serve/engine.py for a decoder folder."""
+    from llmkernel.serve.engine import GenerationEngine
+
+    return GenerationEngine(
+        model_dir,
+        max_batch_size=config.max_batch_size,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len,
+        request_timeout_s=config.request_timeout_s,
+        quantize=config.quantize,
+        device=config.device,
+        seed=config.seed,
+    )
+
+
+@dataclass
+class Services:
+    """What the routes use: config, the loaded model, security, metrics and the server's lifecycle."""
+
+    config: ServeConfig
+    model_dir: Path
+    model_name: str
+    task: str
+    keys: KeyStore | None
+    limiter: RateLimiter
+    masker: PiiMasker
+    metrics: Metrics
+    lifecycle: Lifecycle
+    created: int
+    engine: Any = None  # GenerationEngine for decoders
+    encoder: EncoderModel | None = None
+    batcher: MicroBatcher | None = None
+    load_error: str | None = None
+    on_fatal: Callable[[], None] | None = None  # set by server.py: stop the server if loading fails
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer if self.engine is not None else self.encoder.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_model_len if self.engine is not None else self.encoder.max_length
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        limit = self.context_length - (1 if self.engine is not None else 0)  # room for one new token
+        return min(limit, self.config.max_prompt_tokens) if self.config.max_prompt_tokens else limit
+
+    def require(self, route: str, model: str | None) -> None:
+        """Raise the ApiError for a request to `route` naming `model` that this server cannot answer now."""
+        if route not in ROUTES[self.task]:
+            served = ", ".join(ROUTES[self.task])
+            raise ApiError(
+                400,
+                f"{route} needs {_NEEDS[route]} model; '{self.model_name}' is a {self.task} model "
+                f"and serves {served}",
+            )
+        if model is not None and model != self.model_name:
+            raise ApiError(
+                404,
+                f"model '{model}' is not served here; this server serves '{self.model_name}'",
+                param="model",
+            )
+        if self.lifecycle.status != "ready":
+            raise ApiError(
+                503, f"the model is {self.lifecycle.status}; retry shortly", headers={"Retry-After": "5"}
+            )
+
+
+_NEEDS = {
+    "/v1/completions": "a decoder (*ForCausalLM)",
+    "/v1/chat/completions": "a decoder (*ForCausalLM)",
+    "/v1/embeddings": "an encoder (BertModel, sentence-transformers, *ForSequenceClassification)",
+    "/v1/classify": "a sequence classification (*ForSequenceClassification)",
+    "/v1/ner": "a token classification (*ForTokenClassification)",
+}
+
+# ---------------------------------------------------------------------------------------- model loading
+
+
+def _load_model(services: Services, engine_factory: EngineFactory) -> None:
+    """Load the weights (blocking; runs on a worker thread); encoders also run one warm-up pass."""
+    config = services.config
+    if services.task == "generate":
+        services.engine = engine_factory(services.model_dir, config)
+        services.engine.start()
+    else:
+        services.encoder = EncoderModel(
+            services.model_dir, services.task, device=config.device, max_batch_size=config.max_batch_size
+        )
+        getattr(services.encoder, services.task)(["warm up"])
+
+
+async def _warm_up_engine(engine: Any) -> None:
+    from llmkernel.serve.engine import SamplingParams
+
+    prompt = engine.tokenizer("warm up")["input_ids"]
+    async for _ in engine.submit(prompt, SamplingParams(max_tokens=1, temperature=0.0)):
+        pass
+
+
+async def _start_model(services: Services, engine_factory: EngineFactory) -> None:
+    try:
+        await asyncio.to_thread(_load_model, services, engine_factory)
+        if services.engine is not None:
+            await _warm_up_engine(services.engine)
+            engine = services.engine
+            services.metrics.track_load(lambda: engine.num_running, lambda: engine.num_waiting)
+        else:
+            encoder = services.encoder
+            batcher = MicroBatcher(
+                lambda kind, texts: getattr(encoder, kind)(texts),
+                window_s=services.config.batch_window_ms / 1000,
+                max_batch_size=services.config.max_batch_size,
+            )
+            batcher.start()
+            services.batcher = batcher
+            services.metrics.track_load(lambda: batcher.num_running, lambda: batcher.num_waiting)
+    except Exception as error:  # the server stays up to report it on /ready; server.py exits with it
+        services.load_error = f"{services.model_dir}: cannot load the model: {error}"
+        services.lifecycle.status = "failed"
+        log.error(services.load_error)
+        if services.on_fatal is not None:
+            services.on_fatal()
+        return
+    if services.lifecycle.status == "loading":
+        services.lifecycle.status = "ready"
+        log.info(f"model '{services.model_name}' ({services.task}) is ready")
+
+
+async def shutdown_model(services: Services) -> None:
+    """Stop the micro-batcher and the engine; the engine finishes its requests within drain_timeout_s."""
+    if services.batcher is not None:
+        await services.batcher.stop()
+    if services.engine is not None:
+        await asyncio.to_thread(services.engine.stop, services.config.drain_timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    services: Services = app.state.services
+    tasks = [asyncio.create_task(_start_model(services, app.state.engine_factory))]
+    if services.config.alerts:
+        rules = load_rules(services.config.alerts)
+        evaluator = AlertEvaluator(rules, services.metrics.registry, webhook=services.config.alert_webhook)
+        tasks.append(asyncio.create_task(evaluator.run()))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await shutdown_model(services)
+
+
+# ------------------------------------------------------------------------------------------ the app
+
+
+def create_app(
+    config: ServeConfig,
+    *,
+    model_dir: str | Path | None = None,
+    keys: KeyStore | None = None,
+    engine_factory: EngineFactory = default_engine_factory,
+    clock: Callable[[], float] = time.monotonic,
+) -> FastAPI:
+    """The server for `model_dir` (default: `config.model`, resolved), ready to hand to uvicorn.
+
+    `keys` default to the file `config.api_keys` names (None: no auth); `engine_factory` builds the
+    generation engine for decoder folders; `clock` drives the rate limits (tests pass a fake one).
+    """
+    from llmkernel.models.loading import resolve_model
+    from llmkernel.serve.routes import router
+
+    model_dir = Path(model_dir) if model_dir is not None else resolve_model(config.model)
+    if keys is None and config.api_keys:
+        keys = KeyStore.load(config.api_keys)
+    if config.alerts:
+        load_rules(config.alerts)  # a bad rules file fails here, before the server starts
+    lifecycle = Lifecycle()
+    services = Services(
+        config=config,
+        model_dir=model_dir,
+        model_name=config.served_model_name or _default_model_name(config.model),
+        task=model_task(model_dir),
+        keys=keys,
+        limiter=RateLimiter(config.requests_per_minute, config.tokens_per_minute, keys, clock),
+        masker=PiiMasker(config.pii_types),
+        metrics=Metrics(),
+        lifecycle=lifecycle,
+        created=int(time.time()),
+    )
+    app = FastAPI(
+        title="LLM Kernel server",
+        version=__version__,
+        description="OpenAI-compatible routes for a model folder written by `llmk`. See docs/serve.md.",
+        lifespan=_lifespan,
+    )
+    app.state.services = services
+    app.state.engine_factory = engine_factory
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(
+        RequestObserver, metrics=services.metrics, lifecycle=lifecycle, mask=services.masker.mask
+    )
+    _add_error_handlers(app)
+    app.include_router(_core_routes())
+    app.include_router(router)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _default_model_name(spec: str) -> str:
+    """The model id clients use: the name given on the command line, without folders or .gguf."""
+    name = Path(spec.rstrip("/")).name
+    return name.removesuffix(".gguf") or "model"
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape; schema violations are 400 (as OpenAI answers them), not 422."""
+
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return await api_error(request, ApiError(400, message, param=where or None))
+
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return await api_error(request, ApiError(error.status_code, str(error.detail), headers=error.headers))
+
+    async def crashed(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=error)
+        return await api_error(request, ApiError(500, "internal error; the request id is in X-Request-ID"))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, crashed)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's spec without the 422 answers it adds by default: invalid requests get 400 here."""
+    if app.openapi_schema is None:
+        spec = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for path in spec["paths"].values():
+            for operation in path.values():
+                operation["responses"].pop("422", None)
+        schemas = spec["components"]["schemas"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        _declare_limits(schemas, app.state.services.config)
+        app.openapi_schema = spec
+    return app.openapi_schema
+
+
+def _declare_limits(schemas: dict[str, Any], config: ServeConfig) -> None:
+    """Write this server's --max_tokens and --max_inputs into the request schemas as maximum/maxItems."""
+
+    def bound(model: str, field: str, kind: str, **bounds: int) -> None:
+        schema = schemas[model]["properties"][field]
+        for branch in schema.get("anyOf", [schema]):
+            if branch.get("type") == kind:
+                branch.update(bounds)
+
+    for model, field in [
+        ("CompletionRequest", "max_tokens"),
+        ("ChatCompletionRequest", "max_tokens"),
+        ("ChatCompletionRequest", "max_completion_tokens"),
+    ]:
+        bound(model, field, "integer", maximum=config.max_tokens)
+    bound("CompletionRequest", "prompt", "array", maxItems=config.max_inputs)
+    for model in ("EmbeddingRequest", "ClassifyRequest", "NerRequest"):
+        bound(model, "input", "array", maxItems=config.max_inputs)
+
+
+def _core_routes() -> Any:
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/health", response_model=Health, tags=["probes"])
+    async def health() -> Health:
+        """Liveness: the process answers (no key needed)."""
+        return Health()
+
+    @router.get(
+        "/ready",
+        response_model=Readiness,
+        responses={**AUTH_ERRORS, 503: {"model": Readiness, "description": "loading, failed or draining"}},
+        tags=["probes"],
+        dependencies=[Depends(require_api_key)],
+    )
+    async def ready(request: Request) -> Any:
+        """Readiness: the model is loaded and warmed up (503 before, and while draining)."""
+        services: Services = request.app.state.services
+        body = Readiness(status=services.lifecycle.status, model=services.model_name)
+        return body if body.status == "ready" else JSONResponse(body.model_dump(), status_code=503)
+
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **AUTH_ERRORS},
+        tags=["monitoring"],
+        dependencies=[Depends(require_metrics_access)],
+    )
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of this server (llmk:*)."""
+        registry = request.app.state.services.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/v1/models", response_model=ModelList, responses=AUTH_ERRORS, tags=["openai"])
+    async def models(request: Request, key_name: Annotated[str, Depends(limit_request_rate)]) -> ModelList:
+        """The one model this server serves, with its task and routes."""
+        services: Services = request.app.state.services
+        card = ModelCard(
+            id=services.model_name,
+            created=services.created,
+            task=services.task,
+            routes=ROUTES[services.task],
+            max_model_len=services.context_length if services.lifecycle.status == "ready" else None,
+        )
+        return ModelList(data=[card])
+
+    return router

@@ -1,0 +1,95 @@
+"""The `llmk serve` config: the schema of `llmk serve --help`, YAML recipes and the saved run.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmkernel.config import check, option
+from llmkernel.data.config import PII_TYPES
+
+PII_MASK_MODES = ("none", "inputs", "outputs", "both")
+
+
+@dataclass
+class ServeConfig:
+    """`llmk serve MODEL`: OpenAI-compatible routes, API keys, rate limits, PII masking and metrics."""
+
+    model: str = option(
+        "",
+        "model folder, .gguf file or offline model name (smollm2-135m-instruct, all-minilm-l6-v2)",
+        positional=True,
+    )
+    host: str = option("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = option(8000, "TCP port (0: any free port)")
+    served_model_name: str | None = option(None, "model id in /v1/models and responses; default: folder name")
+    device: str = option("cpu", "torch device for the model: cpu, cuda, cuda:1, ...")
+    quantize: str = option(
+        "fp16",
+        "weights of the decoder fast path: none (fp32), fp16 or int8 (CPU only; see serve/quantize.py)",
+    )
+    # security
+    api_keys: str | None = option(
+        None, "keys file from `llmk keys create`; turns on Bearer auth for every route but /health"
+    )
+    public_metrics: bool = option(False, "serve /metrics without a key even when --api_keys is set")
+    requests_per_minute: int = option(0, "per-key request limit (token bucket; 0: unlimited)")
+    tokens_per_minute: int = option(0, "per-key prompt+completion token limit (token bucket; 0: unlimited)")
+    max_body_bytes: int = option(1_048_576, "largest request body accepted; larger ones get 413")
+    max_prompt_tokens: int = option(0, "longest prompt in tokens (0: the model's context length)")
+    max_tokens: int = option(512, "largest `max_tokens` a completion request may ask for")
+    max_inputs: int = option(256, "most inputs in one embeddings/classify/ner request")
+    pii_mask: str = option(
+        "none",
+        "mask personal data also in what the model sees (inputs), in what it sends back (outputs) or both; "
+        "request logs are always masked",
+    )
+    pii_types: list[str] = option(
+        help="PII types to mask: " + ", ".join(PII_TYPES), factory=lambda: list(PII_TYPES)
+    )
+    log_prompt_chars: int = option(80, "characters of the (masked) prompt kept in each request log line")
+    # batching
+    max_batch_size: int = option(16, "most sequences in one forward pass (generation and encoders)")
+    batch_window_ms: float = option(5.0, "how long encoder requests wait to share a forward pass")
+    max_num_batched_tokens: int = option(4096, "most tokens the generation engine schedules per step")
+    max_model_len: int | None = option(None, "context length for generation; default: the model's")
+    request_timeout_s: float = option(
+        600.0, "generation requests running longer end with finish_reason timeout"
+    )
+    # lifecycle and monitoring
+    drain_timeout_s: float = option(30.0, "on SIGTERM, how long in-flight requests may take to finish")
+    alerts: str | None = option(None, "YAML alert rules evaluated in the server (see docs/serve.md)")
+    alert_webhook: str | None = option(
+        None, "URL that firing alerts are POSTed to (overrides the rules file)"
+    )
+    seed: int = option(0, "seed for sampling requests that do not give one")
+
+    def __post_init__(self) -> None:
+        check(bool(self.model), "model", "a model folder, .gguf file or model name is required")
+        check(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
+        check(self.requests_per_minute >= 0, "requests_per_minute", "must be >= 0 (0: unlimited)")
+        check(self.tokens_per_minute >= 0, "tokens_per_minute", "must be >= 0 (0: unlimited)")
+        check(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+        check(
+            self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0 (0: the model's context length)"
+        )
+        check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        check(self.max_inputs >= 1, "max_inputs", "must be >= 1")
+        modes = ", ".join(PII_MASK_MODES)
+        check(self.pii_mask in PII_MASK_MODES, "pii_mask", f"must be one of {modes}, got {self.pii_mask!r}")
+        unknown = sorted(set(self.pii_types) - set(PII_TYPES))
+        check(not unknown, "pii_types", f"unknown type {unknown[:1]}; known: {', '.join(PII_TYPES)}")
+        check(self.log_prompt_chars >= 0, "log_prompt_chars", "must be >= 0")
+        check(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        check(0 <= self.batch_window_ms <= 1000, "batch_window_ms", "must be between 0 and 1000")
+        check(self.max_num_batched_tokens >= 16, "max_num_batched_tokens", "must be >= 16")
+        check(self.max_model_len is None or self.max_model_len >= 16, "max_model_len", "must be >= 16")
+        check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
+        check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
+
+    @property
+    def masks_inputs(self) -> bool:
+        return self.pii_mask in ("inputs", "both")
+
+    @property
+    def masks_outputs(self) -> bool:
+        return self.pii_mask in ("outputs", "both")

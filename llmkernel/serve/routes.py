@@ -1,0 +1,382 @@
+"""The /v1 model routes: completions and chat (with server-sent events), embeddings, classify and ner.
+
+Each route: checks the model serves it (400 otherwise), applies the limits (prompt length and max_tokens:
+400 naming the flag; tokens per minute: 429), masks PII in the inputs if asked, runs the model (the
+generation engine, or the encoder micro-batcher), masks PII in the outputs if asked, and leaves token
+counts and a masked prompt preview on `request.state` for the access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from llmkernel.serve.app import Services
+from llmkernel.serve.schemas import (
+    MODEL_ERRORS,
+    ApiError,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    Entity,
+    LabelScore,
+    NerRequest,
+    NerResponse,
+    NerResult,
+    Usage,
+)
+from llmkernel.serve.security import limit_request_rate, rate_limited
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+KeyName = Annotated[str, Depends(limit_request_rate)]
+# One server-sent event (OpenAPI 3.1 reads an event stream's schema as the schema of each event).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "a chunk in OpenAI's JSON format; the last event is [DONE]"}
+    },
+}
+SSE = {
+    200: {
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+        "description": "with stream: true",
+    }
+}
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+@router.post("/completions", response_model=CompletionResponse, responses={**MODEL_ERRORS, **SSE})
+async def completions(body: CompletionRequest, request: Request, key_name: KeyName) -> Any:
+    """Text completion of one prompt or a list of prompts (one choice each)."""
+    services = _services(request)
+    services.require("/v1/completions", body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    _check_inputs(services, prompts)
+    if body.stream and len(prompts) > 1:
+        raise ApiError(400, "stream: true takes one prompt; send a string, not a list", param="prompt")
+    texts = [_masked_input(services, prompt) for prompt in prompts]
+    prompt_ids = [services.tokenizer(text)["input_ids"] for text in texts]
+    return await _generate(request, services, key_name, body, prompt_ids, texts[0], chat=False)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses={**MODEL_ERRORS, **SSE})
+async def chat_completions(body: ChatCompletionRequest, request: Request, key_name: KeyName) -> Any:
+    """Chat completion with the model's chat template."""
+    services = _services(request)
+    services.require("/v1/chat/completions", body.model)
+    tokenizer = services.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, f"'{services.model_name}' has no chat template; use /v1/completions")
+    messages = [{"role": m.role, "content": _masked_input(services, m.text())} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # a template may reject a role order, e.g. two user turns
+        raise ApiError(400, f"the chat template rejected these messages: {error}", param="messages") from None
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return await _generate(
+        request, services, key_name, body, [prompt_ids], messages[-1]["content"], chat=True
+    )
+
+
+def _masked_input(services: Services, text: str) -> str:
+    return services.masker.mask(text) if services.config.masks_inputs else text
+
+
+def _max_tokens(services: Services, body: Any, prompt_ids: list[list[int]], chat: bool) -> int:
+    """The request's max_tokens after the server's limits; ApiError(400) naming the limit it breaks."""
+    limit = services.config.max_tokens
+    asked = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    if asked is not None and asked > limit:
+        raise ApiError(
+            400,
+            f"max_tokens {asked} is over this server's limit of {limit} (--max_tokens)",
+            param="max_tokens",
+        )
+    if min(len(ids) for ids in prompt_ids) == 0:
+        raise ApiError(
+            400, "the prompt is empty (no tokens); send some text", param="messages" if chat else "prompt"
+        )
+    longest = max(len(ids) for ids in prompt_ids)
+    if longest > services.max_prompt_tokens:
+        raise ApiError(
+            400,
+            f"the prompt has {longest} tokens, over the limit of {services.max_prompt_tokens} "
+            "(--max_prompt_tokens, or the model's context length)",
+            param="messages" if chat else "prompt",
+        )
+    room = services.context_length - longest
+    if asked is None:  # chat: what the context has left, up to the server's limit; completions: 16
+        return min(room, limit if chat else min(limit, DEFAULT_COMPLETION_TOKENS))
+    if asked > room:
+        raise ApiError(
+            400,
+            f"prompt ({longest} tokens) + max_tokens ({asked}) is over the context length of "
+            f"{services.context_length}; lower max_tokens",
+            param="max_tokens",
+        )
+    return asked
+
+
+async def _generate(
+    request: Request,
+    services: Services,
+    key_name: str,
+    body: Any,
+    prompt_ids: list[list[int]],
+    preview: str,
+    chat: bool,
+) -> Any:
+    from llmkernel.serve.engine import SamplingParams
+
+    max_tokens = _max_tokens(services, body, prompt_ids, chat)
+    stop = [text for text in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if text]
+    reserved = sum(len(ids) + max_tokens for ids in prompt_ids)
+    _reserve_tokens(services, key_name, reserved)
+    request.state.prompt_tokens = sum(len(ids) for ids in prompt_ids)
+    request.state.prompt_preview = services.masker.preview(preview, services.config.log_prompt_chars)
+    seed = body.seed % 2**63 if body.seed is not None else None
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stop
+    )
+    handles = []
+    try:
+        for ids in prompt_ids:
+            handles.append(services.engine.submit(ids, params, loop=asyncio.get_running_loop()))
+    except (ValueError, RuntimeError) as error:  # the engine's own checks, or it is stopping
+        for handle in handles:
+            handle.cancel()
+        services.limiter.refund_tokens(key_name, reserved)
+        status = 400 if isinstance(error, ValueError) else 503
+        raise ApiError(status, str(error), headers={"Retry-After": "1"} if status == 503 else None) from None
+    meta = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": services.model_name,
+    }
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream(request, services, key_name, handles[0], reserved, meta, chat, include_usage)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    try:
+        results = await asyncio.gather(*(_collect(services, handle) for handle in handles))
+    finally:
+        for handle in handles:
+            handle.cancel()  # no-op for finished requests; frees the slot if the client went away
+        _account(request, services, key_name, handles, reserved)
+    if any(reason == "error" for _, reason in results):
+        raise ApiError(500, "generation failed on this request")
+    usage = _usage(handles)
+    if chat:
+        choices = [
+            ChatChoice(index=0, message=AssistantMessage(content=results[0][0]), finish_reason=results[0][1])
+        ]
+        return ChatCompletionResponse(**meta, choices=choices, usage=usage)
+    choices = [
+        CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason) in enumerate(results)
+    ]
+    return CompletionResponse(**meta, choices=choices, usage=usage)
+
+
+def _reserve_tokens(services: Services, key_name: str, amount: int) -> None:
+    limit = services.limiter.token_limit(key_name)
+    if limit and amount > limit:
+        raise ApiError(
+            400,
+            f"this request may use {amount} tokens (prompt + max_tokens), over the "
+            f"per-minute limit of {limit} (--tokens_per_minute); lower max_tokens",
+        )
+    wait = services.limiter.reserve_tokens(key_name, amount)
+    if wait > 0:
+        services.metrics.rate_limited.inc()
+        raise rate_limited(wait, "tokens per minute")
+
+
+async def _collect(services: Services, handle: Any) -> tuple[str, str | None]:
+    parts, reason = [], None
+    async for event in handle:
+        parts.append(event.text)
+        reason = event.finish_reason or reason
+    text = "".join(parts)
+    return (services.masker.mask(text) if services.config.masks_outputs else text), reason
+
+
+def _usage(handles: list[Any]) -> Usage:
+    prompt = sum(h.prompt_tokens for h in handles)
+    completion = sum(h.completion_tokens for h in handles)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _account(request: Request, services: Services, key_name: str, handles: list[Any], reserved: int) -> None:
+    """Metrics, the token bucket refund and the access log's counts, once the requests are over."""
+    usage = _usage(handles)
+    services.metrics.prompt_tokens.inc(usage.prompt_tokens)
+    services.metrics.generation_tokens.inc(usage.completion_tokens)
+    for handle in handles:
+        if handle.time_to_first_token is not None:
+            services.metrics.time_to_first_token.observe(handle.time_to_first_token)
+    services.limiter.refund_tokens(key_name, reserved - usage.total_tokens)
+    request.state.completion_tokens = usage.completion_tokens
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    request: Request,
+    services: Services,
+    key_name: str,
+    handle: Any,
+    reserved: int,
+    meta: dict[str, Any],
+    chat: bool,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """OpenAI's chunk format: one `data: {json}` event per piece of text, a last chunk with the
+    finish_reason, an optional usage chunk, then `data: [DONE]`. Output masking holds back a short tail."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    masker = services.masker.stream() if services.config.masks_outputs else None
+
+    def chunk(text: str | None, reason: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        return _sse({**meta, "object": kind, "choices": [choice]})
+
+    reason = None
+    try:
+        if chat:
+            yield chunk(None, role=True)
+        async for event in handle:
+            text = masker.feed(event.text) if masker else event.text
+            reason = event.finish_reason or reason
+            if text:
+                yield chunk(text)
+        if reason == "error":
+            yield _sse(ApiError(500, "generation failed on this request").body())
+        else:
+            yield chunk(masker.flush() if masker else "", reason)
+        if include_usage:
+            yield _sse({**meta, "object": kind, "choices": [], "usage": _usage([handle]).model_dump()})
+        yield _sse("[DONE]")
+    finally:
+        handle.cancel()  # the client left mid-stream: stop generating for it
+        _account(request, services, key_name, [handle], reserved)
+
+
+# -------------------------------------------------------------------------------------------- encoders
+
+
+def _check_inputs(services: Services, texts: list[str]) -> None:
+    if not texts:
+        raise ApiError(400, "input is an empty list; send a text or a list of texts", param="input")
+    if len(texts) > services.config.max_inputs:
+        raise ApiError(
+            400,
+            f"{len(texts)} inputs is over this server's limit of {services.config.max_inputs} (--max_inputs)",
+            param="input",
+        )
+
+
+async def _encode(
+    request: Request, services: Services, key_name: str, kind: str, inputs: str | list[str]
+) -> tuple[list, int]:
+    """Run `kind` (embed, classify, ner) on the inputs through the micro-batcher; (results, token count)."""
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    _check_inputs(services, texts)
+    texts = [_masked_input(services, text) for text in texts]
+    counts = services.encoder.count_tokens(texts)
+    if max(counts) > services.max_prompt_tokens:
+        raise ApiError(
+            400,
+            f"an input has {max(counts)} tokens, over the limit of {services.max_prompt_tokens} "
+            "(--max_prompt_tokens, or the model's maximum length)",
+            param="input",
+        )
+    tokens = sum(counts)
+    request.state.prompt_tokens = tokens
+    request.state.prompt_preview = services.masker.preview(texts[0], services.config.log_prompt_chars)
+    services.limiter.charge_tokens(key_name, tokens)
+    services.metrics.prompt_tokens.inc(tokens)
+    return await services.batcher.submit(kind, texts), tokens
+
+
+@router.post("/embeddings", response_model=EmbeddingResponse, responses=MODEL_ERRORS)
+async def embeddings(body: EmbeddingRequest, request: Request, key_name: KeyName) -> EmbeddingResponse:
+    """Sentence embeddings: mean-pooled, L2-normalised last hidden states (float or base64 float32)."""
+    services = _services(request)
+    services.require("/v1/embeddings", body.model)
+    hidden_size = services.encoder.model.config.hidden_size
+    if body.dimensions is not None and body.dimensions != hidden_size:
+        raise ApiError(
+            400,
+            f"this model's embeddings have {hidden_size} dimensions; omit dimensions or send {hidden_size}",
+            param="dimensions",
+        )
+    vectors, tokens = await _encode(request, services, key_name, "embed", body.input)
+    if body.encoding_format == "base64":
+        encoded = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
+        data = [Embedding(index=i, embedding=e) for i, e in enumerate(encoded)]
+    else:
+        data = [Embedding(index=i, embedding=v) for i, v in enumerate(vectors)]
+    usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    return EmbeddingResponse(data=data, model=services.model_name, usage=usage)
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=MODEL_ERRORS)
+async def classify(body: ClassifyRequest, request: Request, key_name: KeyName) -> ClassifyResponse:
+    """Labels with probabilities for each input, best first."""
+    services = _services(request)
+    services.require("/v1/classify", body.model)
+    results, tokens = await _encode(request, services, key_name, "classify", body.input)
+    data = []
+    for i, pairs in enumerate(results):
+        scores = [LabelScore(label=label, score=score) for label, score in pairs[: body.top_k]]
+        data.append(Classification(index=i, label=scores[0].label, score=scores[0].score, scores=scores))
+    usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    return ClassifyResponse(data=data, model=services.model_name, usage=usage)
+
+
+@router.post("/ner", response_model=NerResponse, responses=MODEL_ERRORS)
+async def ner(body: NerRequest, request: Request, key_name: KeyName) -> NerResponse:
+    """Named entities with types and character offsets (BIO tags merged into spans)."""
+    services = _services(request)
+    services.require("/v1/ner", body.model)
+    results, tokens = await _encode(request, services, key_name, "ner", body.input)
+    data = [
+        NerResult(index=i, entities=[Entity(**e) for e in entities]) for i, entities in enumerate(results)
+    ]
+    usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    return NerResponse(data=data, model=services.model_name, usage=usage)

@@ -1,0 +1,296 @@
+"""Request and response models of every route, in OpenAI's shapes where OpenAI has the route.
+
+These models are the OpenAPI spec at /openapi.json: the fuzz test generates requests from it and checks
+every answer against it, so a field added to a response goes here first.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: the official clients turn it into their typed exceptions."""
+
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """An error answer: status code, one-line message naming the problem and the fix, extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=str(self.status))
+        return ErrorResponse(error=detail).model_dump()
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _error("missing or invalid API key", {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    413: _error("request body over the size limit"),
+    429: _error("rate limit exceeded", _RETRY_AFTER),
+    503: _error("the server is loading the model or shutting down", _RETRY_AFTER),
+}
+MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("invalid request, a limit exceeded, or a route the loaded model does not serve"),
+    404: _error("the requested model is not the one this server serves"),
+    **AUTH_ERRORS,
+    500: _error("the model failed on this request"),
+}
+
+# ------------------------------------------------------------------------------------------ generation
+
+# Unknown OpenAI fields are ignored; types are strict ("5" is not an integer, false is not a seed), as
+# the spec says, so what the fuzz test calls invalid is refused.
+_Request = ConfigDict(extra="allow", strict=True)
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+_STOP = Field(None, description="up to 4 strings that end generation; not included in the output")
+_MAX_TOKENS = Field(
+    None, ge=1, description="tokens to generate at most (bounded by the server's --max_tokens)"
+)
+_TEMPERATURE = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 is greedy decoding")
+_TOP_P = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
+_SEED = Field(None, ge=-(2**63), lt=2**64, description="seed for reproducible sampling")
+
+
+class StreamOptions(BaseModel):
+    model_config = _Request
+    include_usage: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionRequest(BaseModel):
+    model_config = _Request
+    model: str | None = Field(None, description="the served model's id (see /v1/models); optional")
+    prompt: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="a prompt, or a list of prompts (one choice each, up to the server's --max_inputs)"
+    )
+    max_tokens: int | None = _MAX_TOKENS
+    temperature: float = _TEMPERATURE
+    top_p: float = _TOP_P
+    n: int = Field(1, ge=1, le=1, description="choices per prompt; only 1 is supported")
+    seed: int | None = _SEED
+    stop: Stop = _STOP
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TextPart(BaseModel):
+    model_config = _Request
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = _Request
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = _Request
+    model: str | None = Field(None, description="the served model's id (see /v1/models); optional")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = _MAX_TOKENS
+    max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens; wins if set")
+    temperature: float = _TEMPERATURE
+    top_p: float = _TOP_P
+    n: int = Field(1, ge=1, le=1, description="choices; only 1 is supported")
+    seed: int | None = _SEED
+    stop: Stop = _STOP
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# -------------------------------------------------------------------------------------------- encoders
+
+Inputs = str | Annotated[list[str], Field(min_length=1)]
+_INPUT = Field(description="a text or a list of texts (up to the server's --max_inputs)")
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = _Request
+    model: str | None = None
+    input: Inputs = _INPUT
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian float32 bytes (what the openai client asks for)"
+    )
+    dimensions: int | None = Field(None, ge=1, description="must equal the model's size when given")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ClassifyRequest(BaseModel):
+    model_config = _Request
+    model: str | None = None
+    input: Inputs = _INPUT
+    top_k: int | None = Field(None, ge=1, description="labels per input, best first; default: all")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Classification(BaseModel):
+    index: int
+    label: str = Field(description="the best label")
+    score: float
+    scores: list[LabelScore] = Field(description="labels with probabilities, best first")
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Classification]
+    model: str
+    usage: EmbeddingUsage
+
+
+class NerRequest(BaseModel):
+    model_config = _Request
+    model: str | None = None
+    input: Inputs = _INPUT
+
+
+class Entity(BaseModel):
+    type: str = Field(description="entity type, e.g. PER (from B-PER/I-PER tags)")
+    text: str
+    start: int = Field(description="character offset of the first character in the input")
+    end: int = Field(description="character offset just past the last character")
+    score: float = Field(description="mean probability of the entity's word tags")
+
+
+class NerResult(BaseModel):
+    index: int
+    entities: list[Entity]
+
+
+class NerResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[NerResult]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ------------------------------------------------------------------------------------- models, health
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llmk"
+    task: Literal["generate", "embed", "classify", "ner"]
+    routes: list[str] = Field(description="the /v1 routes this model answers")
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "draining", "failed"]
+    model: str

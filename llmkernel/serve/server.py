@@ -1,0 +1,127 @@
+"""`llmk serve`: run the app under uvicorn on 127.0.0.1 (by default) and drain on SIGTERM.
+
+On SIGTERM (or the first Ctrl-C) the server drains: new requests get 503, /ready turns 503 so a load
+balancer stops sending traffic, requests in flight (streams included) finish, for at most
+`--drain_timeout_s` seconds; then uvicorn shuts down, the engine stops and `llmk serve` exits 0.
+A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+
+from llmkernel.errors import InputError
+from llmkernel.serve.app import Services, create_app
+from llmkernel.serve.config import ServeConfig
+from llmkernel.serve.metrics import Lifecycle
+from llmkernel.serve.security import PiiMasker
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line; messages that are JSON already (access log, alerts) pass through."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if message.startswith("{"):
+            return message
+        line = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": message}
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["error"] = record.exc_text.splitlines()[-1]
+        return json.dumps(line, ensure_ascii=False)
+
+
+class MaskPii(logging.Filter):
+    """Masks PII in warnings and errors and their tracebacks, which might quote a request (an error message
+    with a piece of the prompt); the access log masks its prompt preview itself, and info lines are the
+    server's own ("Uvicorn running on http://127.0.0.1:8000" keeps its address)."""
+
+    def __init__(self, masker: PiiMasker) -> None:
+        super().__init__()
+        self.masker = masker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        record.msg, record.args = self.masker.mask(record.getMessage()), ()
+        if record.exc_info:
+            record.exc_text = self.masker.mask(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def setup_logging(pii_types: list[str]) -> None:
+    """JSON lines on stderr for the server's own loggers; PII masked in those and in uvicorn's errors."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    logger = logging.getLogger("llmkernel.serve")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    mask = MaskPii(PiiMasker(pii_types))
+    for name in ("llmkernel.serve", "uvicorn.error"):
+        logging.getLogger(name).addFilter(mask)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain phase before its own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is None and sig in (signal.SIGTERM, signal.SIGINT):
+            self.drain_started = time.monotonic()
+            self.lifecycle.status = "draining"
+            logging.getLogger("llmkernel.serve").info(
+                f"draining: {self.lifecycle.in_flight} request(s) in flight, up to {self.drain_timeout_s:g} s"
+            )
+            return  # not recorded as a captured signal: uvicorn would re-raise it after a clean exit
+        super().handle_exit(sig, frame)  # a second signal: leave now
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and not self.should_exit:
+            waited = time.monotonic() - self.drain_started
+            if self.lifecycle.in_flight == 0 or waited >= self.drain_timeout_s:
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(config: ServeConfig) -> None:
+    """Serve `config.model` until SIGTERM; raises a UserError (exit code 2) if the model cannot load."""
+    setup_logging(config.pii_types)
+    app = create_app(config)
+    services: Services = app.state.services
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        access_log=False,  # the app writes its own access log, with PII masked
+        timeout_graceful_shutdown=2,  # the drain above has waited already
+        lifespan="on",
+    )
+    server = DrainingServer(uvicorn_config, services.lifecycle, config.drain_timeout_s)
+    services.on_fatal = lambda: setattr(server, "should_exit", True)
+    auth = (
+        f"API keys from {config.api_keys}"
+        if config.api_keys
+        else "no API keys (open to anyone who can connect)"
+    )
+    logging.getLogger("llmkernel.serve").info(
+        f"serving {services.model_dir} as '{services.model_name}' ({services.task}) on "
+        f"http://{config.host}:{config.port} with {auth}"
+    )
+    server.run()
+    if services.lifecycle.status == "failed":
+        raise InputError(services.load_error or "the model failed to load")

@@ -1,0 +1,123 @@
+"""The serving forward against HF's: prefill, chunked prefill, batched decode, cache growth, int8/fp16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from llmkernel.serve.decoder import HFDecoder, LlamaDecoder, PrefillChunk, Step, supports_fast_path
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def reference(model, ids: list[int]) -> torch.Tensor:
+    """HF logits [len(ids), vocab] for one sequence."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def prefill(decoder, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
+    """Prefill `ids` at `start` into `slot`; logits of every row."""
+    step = Step(list(ids), chunks=[PrefillChunk(slot, start, len(ids))], sample_rows=list(range(len(ids))))
+    return decoder.forward(step)
+
+
+def test_prefill_and_chunked_prefill_match_hf(llama) -> None:
+    decoder = LlamaDecoder(llama, num_slots=4, max_len=512)
+    ids = torch.randint(0, VOCAB, (20,)).tolist()
+    expected = reference(llama, ids)
+    torch.testing.assert_close(prefill(decoder, 2, ids), expected, atol=1e-5, rtol=1e-4)
+    prefill(decoder, 1, ids[:12])
+    torch.testing.assert_close(prefill(decoder, 1, ids[12:], start=12), expected[12:], atol=1e-5, rtol=1e-4)
+
+
+def test_batched_decode_of_different_lengths_matches_hf(llama) -> None:
+    decoder = LlamaDecoder(llama, num_slots=4, max_len=512)
+    sequences = {0: torch.randint(0, VOCAB, (7,)).tolist(), 3: torch.randint(0, VOCAB, (19,)).tolist()}
+    for slot, ids in sequences.items():
+        prefill(decoder, slot, ids[:-1])
+    # One mixed step: a prompt chunk for slot 1 plus the last token of slots 0 and 3 as decode rows.
+    other = torch.randint(0, VOCAB, (5,)).tolist()
+    step = Step(
+        other + [sequences[0][-1], sequences[3][-1]],
+        chunks=[PrefillChunk(1, 0, 5)],
+        decode_slots=[0, 3],
+        decode_positions=[6, 18],
+        sample_rows=[4, 5, 6],
+    )
+    logits = decoder.forward(step)
+    torch.testing.assert_close(logits[0], reference(llama, other)[-1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[1], reference(llama, sequences[0])[-1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[2], reference(llama, sequences[3])[-1], atol=1e-5, rtol=1e-4)
+
+
+def test_cache_grows_past_its_first_capacity(llama) -> None:
+    decoder = LlamaDecoder(llama, num_slots=2, max_len=512)
+    first = decoder.cache.capacity
+    ids = torch.randint(0, VOCAB, (first + 40,)).tolist()
+    prefill(decoder, 0, ids[:first])
+    logits = prefill(decoder, 0, ids[first:], start=first)
+    assert decoder.cache.capacity >= len(ids)
+    torch.testing.assert_close(logits, reference(llama, ids)[first:], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="max_model_len"):
+        decoder.cache.reserve(513)
+
+
+@pytest.mark.parametrize(("quantize", "tolerance"), [("fp16", 2e-3), ("int8", 0.05)])
+def test_quantized_logits_stay_close_to_fp32(llama, quantize: str, tolerance: float) -> None:
+    decoder = LlamaDecoder(llama, num_slots=2, max_len=512, quantize=quantize)
+    ids = torch.randint(0, VOCAB, (24,)).tolist()
+    expected = reference(llama, ids)
+    logits = prefill(decoder, 0, ids)
+    assert ((logits - expected).norm() / expected.norm()).item() < tolerance
+
+
+def test_biases_are_fused_too() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_()  # HF initialises biases to zero, which would hide a missing bias
+    ids = torch.randint(0, VOCAB, (6,)).tolist()
+    decoder = LlamaDecoder(model, num_slots=1, max_len=64)
+    torch.testing.assert_close(prefill(decoder, 0, ids), reference(model, ids), atol=1e-5, rtol=1e-4)
+
+
+def test_hf_fallback_matches_hf_for_other_architectures() -> None:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    model = GPT2LMHeadModel(config).eval()
+    assert not supports_fast_path(config)
+    decoder = HFDecoder(model)
+    ids = torch.randint(0, VOCAB, (9,)).tolist()
+    expected = reference(model, ids)
+    decoder.forward(Step(ids[:8], chunks=[PrefillChunk(0, 0, 8)], sample_rows=[7]))
+    logits = decoder.forward(Step(ids[8:], decode_slots=[0], decode_positions=[8], sample_rows=[0]))
+    torch.testing.assert_close(logits[0], expected[-1], atol=1e-5, rtol=1e-4)
