@@ -29,6 +29,7 @@ demo: setup  ## run the pipeline on the embedded corpus (CPython's own documenta
 bench: setup  ## benchmark scripts; each prints one JSON line
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/serve.py
 
 lint: setup
 	$(BIN)/ruff check llmkernel tests bench

@@ -244,7 +244,7 @@ def create_app(
     app = FastAPI(
         title="LLM Kernel server",
         version=__version__,
-        description="OpenAI-compatible routes for a model folder written by `llmk`. See docs/serve.md.",
+        description="OpenAI-compatible routes for a model folder written by `llmk`. See the README, section `llmk serve`.",
         lifespan=_lifespan,
     )
     app.state.services = services

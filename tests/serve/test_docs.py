@@ -1,4 +1,4 @@
-"""docs/serve.md works as written: its `llmk` lines parse and its curl commands succeed against live
+"""The README's serving section works as written: its `llmk` lines parse and its curl commands succeed against live
 servers (tiny random models standing in for SmolLM2, MiniLM and the classifier / NER folders)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from llmkernel.serve.security import KeyStore, create_key
 from tests.conftest import REPO
 from tests.serve.conftest import live_server, serve_config
 
-DOC = REPO / "docs" / "serve.md"
+DOC = REPO / "README.md"
 
 
 def _commands(prefix: str) -> list[str]:
