@@ -30,28 +30,77 @@ WARMUP_STEPS = 10
 
 def llmk(*args: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "llmkernel.cli", *args], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "llmkernel.cli", *args], env=env, capture_output=True, text=True
+    )
     if result.returncode != 0:
         sys.exit(f"llmk {args[0]} failed: {result.stderr[-2000:]}")
 
 
 def prepare_data(folder: Path) -> Path:
-    llmk("prepare", str(SHAKESPEARE), "--out", str(folder), "--split", "paragraph", "--filter.enabled", "false",
-         "--dedup.exact", "false", "--dedup.near", "false", "--pii.enabled", "false",
-         "--tokenizer.vocab_size", "2048", "--progress", "false")
+    llmk(
+        "prepare",
+        str(SHAKESPEARE),
+        "--out",
+        str(folder),
+        "--split",
+        "paragraph",
+        "--filter.enabled",
+        "false",
+        "--dedup.exact",
+        "false",
+        "--dedup.near",
+        "false",
+        "--pii.enabled",
+        "false",
+        "--tokenizer.vocab_size",
+        "2048",
+        "--progress",
+        "false",
+    )
     return folder
 
 
 def ours(data: Path, out: Path, steps: int) -> float:
     """Tokens/s of `llmk pretrain` after warm-up, from its metrics.jsonl (logged every step)."""
-    llmk("pretrain", "--data", str(data), "--out", str(out), "--force", "--progress", "false",
-         "--model.layers", str(SHAPE["layers"]), "--model.width", str(SHAPE["width"]),
-         "--model.heads", str(SHAPE["heads"]), "--model.kv_heads", str(SHAPE["kv_heads"]),
-         "--model.tie_embeddings", "false",
-         "--train.batch_size", str(SHAPE["batch_size"]), "--train.seq_len", str(SHAPE["seq_len"]),
-         "--train.max_steps", str(steps), "--train.log_every", "1", "--train.eval_every", "0",
-         "--train.checkpoint_every", "0", "--train.eval_batches", "1", "--train.sample_tokens", "0",
-         "--optim.warmup_steps", "5")
+    llmk(
+        "pretrain",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--force",
+        "--progress",
+        "false",
+        "--model.layers",
+        str(SHAPE["layers"]),
+        "--model.width",
+        str(SHAPE["width"]),
+        "--model.heads",
+        str(SHAPE["heads"]),
+        "--model.kv_heads",
+        str(SHAPE["kv_heads"]),
+        "--model.tie_embeddings",
+        "false",
+        "--train.batch_size",
+        str(SHAPE["batch_size"]),
+        "--train.seq_len",
+        str(SHAPE["seq_len"]),
+        "--train.max_steps",
+        str(steps),
+        "--train.log_every",
+        "1",
+        "--train.eval_every",
+        "0",
+        "--train.checkpoint_every",
+        "0",
+        "--train.eval_batches",
+        "1",
+        "--train.sample_tokens",
+        "0",
+        "--optim.warmup_steps",
+        "5",
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r["split"] == "train"][WARMUP_STEPS:]
     seconds = sum(SHAPE["batch_size"] * SHAPE["seq_len"] / r for r in rates)
@@ -90,24 +139,44 @@ def hf_trainer(data: Path, out: Path, steps: int) -> float:
                 Clock.elapsed = time.perf_counter() - Clock.started
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=shards.vocab_size, hidden_size=SHAPE["width"], intermediate_size=704,
-                         num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
-                         num_key_value_heads=SHAPE["kv_heads"], max_position_embeddings=seq_len,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=shards.vocab_size,
+        hidden_size=SHAPE["width"],
+        intermediate_size=704,
+        num_hidden_layers=SHAPE["layers"],
+        num_attention_heads=SHAPE["heads"],
+        num_key_value_heads=SHAPE["kv_heads"],
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     arguments = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-3,
-        warmup_steps=5, lr_scheduler_type="cosine", weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True, seed=0,
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-3,
+        warmup_steps=5,
+        lr_scheduler_type="cosine",
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
     )
     Trainer(model=model, args=arguments, train_dataset=Windows(), callbacks=[Clock()]).train()
     return (steps - WARMUP_STEPS) * batch * seq_len / Clock.elapsed
 
 
 def trainer_in_subprocess(data: Path, out: Path, steps: int) -> float:
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench.pretrain import hf_trainer; " \
-           f"from pathlib import Path; print('RATE', hf_trainer(Path({str(data)!r}), Path({str(out)!r}), {steps}))"
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench.pretrain import hf_trainer; "
+        f"from pathlib import Path; print('RATE', hf_trainer(Path({str(data)!r}), Path({str(out)!r}), {steps}))"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RATE")]
@@ -117,10 +186,16 @@ def trainer_in_subprocess(data: Path, out: Path, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (the first 10 untimed)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", type=int, default=60, help="optimizer steps per run (the first 10 untimed)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
-    parser.add_argument("--data", type=Path, help="an `llmk prepare` folder (default: Tiny Shakespeare, BPE 2048)")
+    parser.add_argument(
+        "--data", type=Path, help="an `llmk prepare` folder (default: Tiny Shakespeare, BPE 2048)"
+    )
     args = parser.parse_args()
     if args.data is None and not SHAKESPEARE.is_file():
         sys.exit(f"{SHAKESPEARE} not found; pass --data")
@@ -144,18 +219,25 @@ def main() -> None:
         flops = flops_per_token(model, SHAPE["seq_len"])
         params = sum(p.numel() for p in model.parameters())
     best_ours, best_hf = max(ours_rates), max(hf_rates)
-    print(json.dumps({
-        "bench": "pretrain",
-        "model": {**SHAPE, "parameters": params, "flops_per_token": flops},
-        "tokens_per_s": round(best_ours, 1),
-        "hf_trainer_tokens_per_s": round(best_hf, 1),
-        "ratio_vs_hf_trainer": round(best_ours / best_hf, 3),
-        "mfu": round(best_ours * flops / peak, 3),
-        "hf_trainer_mfu": round(best_hf * flops / peak, 3),
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "rounds": {"ours": [round(r, 1) for r in ours_rates], "hf_trainer": [round(r, 1) for r in hf_rates]},
-        "targets": {"ratio_vs_hf_trainer": 1.05, "mfu": 0.75},
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "pretrain",
+                "model": {**SHAPE, "parameters": params, "flops_per_token": flops},
+                "tokens_per_s": round(best_ours, 1),
+                "hf_trainer_tokens_per_s": round(best_hf, 1),
+                "ratio_vs_hf_trainer": round(best_ours / best_hf, 3),
+                "mfu": round(best_ours * flops / peak, 3),
+                "hf_trainer_mfu": round(best_hf * flops / peak, 3),
+                "matmul_peak_gflops": round(peak / 1e9, 1),
+                "rounds": {
+                    "ours": [round(r, 1) for r in ours_rates],
+                    "hf_trainer": [round(r, 1) for r in hf_rates],
+                },
+                "targets": {"ratio_vs_hf_trainer": 1.05, "mfu": 0.75},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

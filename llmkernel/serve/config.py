@@ -57,7 +57,9 @@ class ServeConfig:
     )
     # lifecycle and monitoring
     drain_timeout_s: float = option(30.0, "on SIGTERM, how long in-flight requests may take to finish")
-    alerts: str | None = option(None, "YAML alert rules evaluated in the server (see the README, section `llmk serve`)")
+    alerts: str | None = option(
+        None, "YAML alert rules evaluated in the server (see the README, section `llmk serve`)"
+    )
     alert_webhook: str | None = option(
         None, "URL that firing alerts are POSTed to (overrides the rules file)"
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmkernel.serve.quantize import Fp16Linear, Int8Linear, Linear, make_linear
+from llmkernel.serve.quantize import Projection, make_linear
 
 
 @dataclass
@@ -92,13 +92,11 @@ class KVCache:
 @dataclass
 class DecoderLayer:
     input_norm: torch.Tensor  # [hidden]
-    qkv: (
-        Linear | Fp16Linear | Int8Linear
-    )  # fused q, k, v projections: [hidden] -> [(heads + 2 kv_heads) * head_dim]
-    out: Linear | Fp16Linear | Int8Linear  # [heads * head_dim] -> [hidden]
+    qkv: Projection  # fused q, k, v projections: [hidden] -> [(heads + 2 kv_heads) * head_dim]
+    out: Projection  # [heads * head_dim] -> [hidden]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: Linear | Fp16Linear | Int8Linear  # fused gate and up projections: [hidden] -> [2 * intermediate]
-    down: Linear | Fp16Linear | Int8Linear  # [intermediate] -> [hidden]
+    gate_up: Projection  # fused gate and up projections: [hidden] -> [2 * intermediate]
+    down: Projection  # [intermediate] -> [hidden]
 
 
 class LlamaDecoder:
@@ -114,16 +112,12 @@ class LlamaDecoder:
         device = model.device
         params = {name: p.detach() for name, p in model.named_parameters()}
 
-        def weight(name: str) -> torch.Tensor:
-            return params[name]
-
-        def bias(names: list[str]) -> torch.Tensor | None:
-            found = [params.get(name.replace(".weight", ".bias")) for name in names]
-            return torch.cat(found) if all(b is not None for b in found) else None
-
-        def fused(names: list[str]) -> Linear | Fp16Linear | Int8Linear:
+        def fused(names: list[str]) -> Projection:
             # One [sum(out), in] matrix instead of several: one kernel call, one pass over x.
-            return make_linear(torch.cat([weight(n) for n in names]), bias(names), quantize)
+            weights = [params[name] for name in names]
+            biases = [params.get(name.replace(".weight", ".bias")) for name in names]
+            bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            return make_linear(torch.cat(weights) if len(weights) > 1 else weights[0], bias, quantize)
 
         self.layers: list[DecoderLayer] = []
         for i in range(config.num_hidden_layers):
@@ -131,17 +125,17 @@ class LlamaDecoder:
             qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
             self.layers.append(
                 DecoderLayer(
-                    input_norm=weight(p + "input_layernorm.weight"),
+                    input_norm=params[p + "input_layernorm.weight"],
                     qkv=fused(qkv),
                     out=fused([p + "self_attn.o_proj.weight"]),
-                    post_norm=weight(p + "post_attention_layernorm.weight"),
+                    post_norm=params[p + "post_attention_layernorm.weight"],
                     gate_up=fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
                     down=fused([p + "mlp.down_proj.weight"]),
                 )
             )
-        self.embedding = weight("model.embed_tokens.weight")  # [vocab, hidden]
-        self.final_norm = weight("model.norm.weight")
-        # Tied embeddings share one fp32 tensor with the embedding lookup (no copy) unless quantized.
+        self.embedding = params["model.embed_tokens.weight"]  # [vocab, hidden]
+        self.final_norm = params["model.norm.weight"]
+        # The vocab projection: tied embeddings get their own (transposed or quantized) copy.
         self.lm_head = make_linear(model.get_output_embeddings().weight.detach(), None, quantize)
         self.cos, self.sin = _rope_tables(model, max_len)  # [max_len, head_dim] each
         dtype = self.embedding.dtype

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from llmkernel.errors import InputError
+from llmkernel.models.loading import LOAD_LOCK
 
 TASKS = ("generate", "embed", "classify", "ner")
 ROUTES = {
@@ -78,8 +79,9 @@ class EncoderModel:
         self.task = task
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = loaders[task].from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        with LOAD_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.model = loaders[task].from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if task != "embed" else []
         limits = [getattr(config, "max_position_embeddings", 512), self.tokenizer.model_max_length]

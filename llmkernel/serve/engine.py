@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from llmkernel.models.loading import LOAD_LOCK
 from llmkernel.serve.decoder import HFDecoder, LlamaDecoder, PrefillChunk, Step, supports_fast_path
 from llmkernel.serve.quantize import QUANTIZE_MODES
 
@@ -267,8 +268,18 @@ class GenerationEngine:
         if self._thread is not None:
             return
         torch.set_num_threads(self.num_threads)
-        hf_model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device)
-        hf_model.eval()
+        with LOAD_LOCK:
+            hf_model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        if getattr(self.config, "tie_word_embeddings", False):
+            # Tie ourselves: transformers 5 disables tying during loading by patching a class-wide method,
+            # and two models loading at once in one process can leave it disabled (lm_head left on meta).
+            hf_model.get_output_embeddings().weight = hf_model.get_input_embeddings().weight
+        if any(p.is_meta for p in hf_model.parameters()):
+            raise RuntimeError(
+                f"{self.model_dir}: some weights were not loaded (still on the meta device); was another "
+                "model loading in this process at the same time? transformers' loading is not thread-safe"
+            )
+        hf_model.to(self.device).eval()
         if supports_fast_path(self.config):
             self.model = LlamaDecoder(
                 hf_model, num_slots=self.max_batch_size, max_len=self.max_model_len, quantize=self.quantize

@@ -1,16 +1,24 @@
-"""The matrix products of the serving forward: fp32 `Linear` and int8 `Int8Linear`.
+"""The matrix products of the serving forward: fp32 `Linear`, `Fp16Linear` (the default) and `Int8Linear`.
 
 Decoding on a CPU is bound by how fast the weights stream from memory: every step reads every weight once
-(0.54 GB for SmolLM2-135M in fp32). Storing them as int8 with one scale per output channel moves 4x fewer
-bytes. We measured the kernels PyTorch 2.13 offers on this 2-core AVX-512 machine (bench/serve.py notes):
+(0.54 GB for SmolLM2-135M in fp32). What we measured with PyTorch 2.13 on this 2-core AVX-512 machine
+(1 thread, weights not cache-resident, batch 1 unless said):
 
-* `aten._weight_int8pack_mm` (weight-only int8) runs at ~2.4 GB/s, 4-20x *slower* than fp32 here;
-* `quantized.linear_dynamic` (fbgemm: int8 weights, activations quantized to int8 per call, int32
-  accumulation with VNNI) is 5-10x faster than fp32 `F.linear` on the decode shapes, at batch 1 and 16.
-
-So int8 here is fbgemm's dynamic quantization with symmetric per-channel weight scales. Its activations
-get one scale per call (the whole batch), so in int8 mode a sequence's logits depend slightly on what else
-shares the step; fp32 does not have that caveat and stays available (`quantize="none"`).
+* fp32 `F.linear` streams ~11 GB/s; the same product with W stored transposed ([in, out], `x @ W_t`)
+  streams ~19 GB/s when out > in (qkv, gate/up, the vocab projection) and is no faster otherwise or at
+  batch 16, so `Linear` picks the layout per weight;
+* fbgemm's fp16 weights (`quantized.linear_dynamic_fp16`, fp32 compute) stream ~21 GB/s of half the
+  bytes: a whole decode step of SmolLM2 is 2.0x faster than fp32 at batch 1 (18 vs 37 ms) and 1.9x at
+  batch 16 (64 vs 121 ms), and greedy output stays close to fp32 (6 of 8 chat answers identical over
+  64 tokens, the other two from token 12 and 38);
+* `aten._weight_int8pack_mm` (weight-only int8) runs at ~2.4 GB/s: slower than fp32 here, unusable;
+* fbgemm's dynamic int8 (`quantized.linear_dynamic`: int8 weights with per-channel scales, activations
+  quantized per call with one scale, VNNI int32 accumulation) is the fastest (a step 2.6x fp32 at batch
+  1, 3.8x at batch 16), but SmolLM2's activation outliers make its greedy output drift early (0 of 8
+  chat answers identical, first difference within 0-9 tokens; first-token logits off by 38% relative).
+  SmoothQuant-style smoothing (alpha 0.5) cut that error to 15% without fixing greedy agreement, and
+  even simulated weight-only per-channel int8 gave 3 of 8; so int8 is opt-in (`quantize="int8"`), and
+  in int8 a sequence's logits also depend slightly on what else shares its step.
 """
 
 from __future__ import annotations
@@ -24,14 +32,22 @@ QUANTIZE_MODES = ("none", "fp16", "int8")
 
 
 class Linear:
-    """y = x W^T + b with fp32 weights [out, in] (shared, not copied: tied embeddings stay one tensor)."""
+    """y = x W^T + b with fp32 weights [out, in].
+
+    Wide weights (out > in) are kept transposed, [in, out] contiguous, where the batch-1 product streams
+    ~1.7x faster (see above); others are used as given (shared, not copied).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight, self.bias = weight, bias
         self.out_features = weight.shape[0]
+        self.transposed = weight.shape[0] > weight.shape[1]
+        self.weight = weight.t().contiguous() if self.transposed else weight
+        self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 
 class Int8Linear:
@@ -94,6 +110,9 @@ def check_int8_supported() -> None:
             f"quantize='int8' and 'fp16' on CPU need PyTorch's x86 (fbgemm) kernels; this build has "
             f"{engines}; use quantize='none'"
         )
+
+
+Projection = Linear | Fp16Linear | Int8Linear
 
 
 def make_linear(

@@ -242,7 +242,17 @@ def test_sigterm_leaves_no_output_and_no_staging(corpus, tmp_path):
         (big / f"b{i}.txt").write_text(prose(100 + i, 20000))
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "llmkernel.cli", "prepare", str(big), "--out", str(out), "--progress", "false"],
+        [
+            sys.executable,
+            "-m",
+            "llmkernel.cli",
+            "prepare",
+            str(big),
+            "--out",
+            str(out),
+            "--progress",
+            "false",
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

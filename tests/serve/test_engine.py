@@ -332,3 +332,22 @@ def test_smollm2_batched_greedy_matches_hf_generate() -> None:
     for prompt, (ids, _, _) in zip(prompts, results):
         assert ids == hf_greedy(model, prompt, 24)
     assert "Paris" in results[0][1]
+
+
+def test_tied_embeddings_load_even_when_transformers_tying_is_disabled(llama_dir, monkeypatch) -> None:
+    # Two models loading at once in one process can leave transformers' tie_weights patched to a no-op.
+    from transformers import PreTrainedModel
+
+    folder = llama_dir.parent / "tied-llama"
+    torch.manual_seed(1)
+    config = LlamaConfig.from_pretrained(llama_dir, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast.from_pretrained(llama_dir).save_pretrained(folder)
+    expected = hf_greedy(model, PROMPTS[1], 12)
+    monkeypatch.setattr(PreTrainedModel, "tie_weights", lambda self, *args, **kwargs: None)
+    engine = make_engine(folder)
+    try:
+        assert engine.generate(PROMPTS[1], GREEDY)[0] == expected
+    finally:
+        engine.stop(0)

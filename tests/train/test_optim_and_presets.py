@@ -31,7 +31,9 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_presets_and_flops():
-    decoder = build_model(ModelConfig(size="tiny", layers=3, width=128, heads=4, kv_heads=2), "decoder", 512, 64, {})
+    decoder = build_model(
+        ModelConfig(size="tiny", layers=3, width=128, heads=4, kv_heads=2), "decoder", 512, 64, {}
+    )
     config = decoder.config
     assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (3, 128, 2)
     assert config.intermediate_size == 320 and config.tie_word_embeddings
