@@ -112,17 +112,22 @@ def count_parameters(model) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "input_embedding": embedding, "output_head": head_params}
 
 
-def flops_per_token(model, context_length: int) -> int:
+def flops_per_token(model, context_length: int, head_fraction: float = 1.0) -> int:
     """Training FLOPs per token: 6 x (parameters - input embedding) + 12 x layers x width x context.
 
     The output head is counted as a matmul even when it shares its weight with the input embedding
-    (Kaplan et al. 2020, with the attention term of Chowdhery et al. 2022, appendix B).
+    (Kaplan et al. 2020, with the attention term of Chowdhery et al. 2022, appendix B). `head_fraction`
+    is the share of positions the head runs on (the masked 15% for our MLM objective, 1 for next-token).
     """
     counts = count_parameters(model)
     config = model.config
-    tied_head = counts["output_head"] if model.get_output_embeddings() is not None and _is_tied(model) else 0
-    matmul_params = counts["total"] - counts["input_embedding"] + tied_head
-    return 6 * matmul_params + 12 * config.num_hidden_layers * config.hidden_size * context_length
+    head = counts["output_head"]
+    tied = head if _is_tied(model) else 0
+    body = counts["total"] - counts["input_embedding"] + tied - head
+    return int(
+        6 * (body + head * head_fraction)
+        + 12 * config.num_hidden_layers * config.hidden_size * context_length
+    )
 
 
 def _is_tied(model) -> bool:

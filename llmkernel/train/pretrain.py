@@ -37,7 +37,7 @@ from llmkernel.train.logger import TrainLogger
 from llmkernel.train.loop import StopFlag, run_loop
 from llmkernel.train.objectives import CausalLM, MaskedLM
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.perf import autocast_dtype_for, configure_threads, matmul_peak_flops
+from llmkernel.train.perf import autocast_dtype_for, configure_threads, keep_freed_memory, matmul_peak_flops
 
 STAGE = "pretrain"
 RUN_ONLY_FIELDS = ("out", "resume", "force", "progress")
@@ -80,10 +80,14 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
     dist.barrier()
 
     configure_threads(config.train.threads, rank_info.world_size)
+    keep_freed_memory()
     torch.manual_seed(config.train.seed)
     model, kind = _build_or_load(config, tokenizer, shards)
     counts = count_parameters(model)
-    model_flops = flops_per_token(model, config.train.seq_len)
+    head_fraction = (
+        config.mask_probability if config.objective == "mlm" else 1.0
+    )  # MLM's head runs on masked only
+    model_flops = flops_per_token(model, config.train.seq_len, head_fraction)
     peak = dist.broadcast_object(matmul_peak_flops() if rank_info.is_main else None)
     dist.print0(
         f"{kind} model: {counts['total'] / 1e6:.2f}M parameters ({counts['trainable'] / 1e6:.2f}M trainable), "
