@@ -19,16 +19,14 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from llmkernel.data.config import TokenizerConfig
+from llmkernel.data.tokenizer import train_tokenizer
 from llmkernel.serve.app import create_app
 from llmkernel.serve.config import ServeConfig
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CORPUS = [
     "Hello world, the quick brown fox jumps over the lazy dog.",
     "Alice lives in Paris and Bob works in Berlin.",
@@ -41,27 +39,11 @@ def make_tiny_llama(folder: Path) -> Path:
     """A 2-layer LlamaForCausalLM (width 32) with a 320-token byte-level BPE tokenizer."""
     from transformers import LlamaForCausalLM
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        model_max_length=256,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    # the product's own byte-level BPE trainer: ChatML template, <|endoftext|> as eos
+    tokenizer = train_tokenizer(CORPUS, TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=1), folder)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=bpe.get_vocab_size(),
+        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -72,8 +54,7 @@ def make_tiny_llama(folder: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)  # next to the tokenizer train_tokenizer saved
     return folder
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -19,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from llmkernel.data.config import TokenizerConfig
+from llmkernel.data.tokenizer import train_tokenizer
 from llmkernel.serve.engine import GenerationEngine, SamplingParams, TextStream, _sample
 
 SENTENCES = [
@@ -30,16 +31,7 @@ SENTENCES = [
 
 def save_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     """A 300-token byte-level BPE tokenizer (so multi-byte characters span several tokens)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(SENTENCES, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|eos|>", pad_token="<|eos|>")
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+    return train_tokenizer(SENTENCES, TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1), folder)
 
 
 @pytest.fixture(scope="module")
