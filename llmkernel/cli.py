@@ -64,6 +64,30 @@ def _run_serve(config: Any) -> None:
     serve(config)
 
 
+def _finetune_config() -> type:
+    from llmkernel.train.config import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def _run_finetune(config: Any) -> None:
+    from llmkernel.train.finetune import finetune
+
+    return finetune(config)
+
+
+def _evaluate_config() -> type:
+    from llmkernel.eval.evaluate import EvaluateConfig
+
+    return EvaluateConfig
+
+
+def _run_evaluate(config: Any) -> None:
+    from llmkernel.eval.evaluate import evaluate
+
+    return evaluate(config)
+
+
 STAGES = [
     Stage(
         "prepare",
@@ -82,6 +106,18 @@ STAGES = [
         "token shards -> a decoder (clm) or an encoder (mlm), from scratch or continued",
         _pretrain_config,
         _run_pretrain,
+    ),
+    Stage(
+        "finetune",
+        "adapt a model to classify / ner / sft data: full, top_layers or LoRA, optionally adversarial",
+        _finetune_config,
+        _run_finetune,
+    ),
+    Stage(
+        "evaluate",
+        "metrics of a model on a data file (report, confusion matrix, entity F1, perplexity), clean and attacked",
+        _evaluate_config,
+        _run_evaluate,
     ),
 ]
 

@@ -148,6 +148,11 @@ def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") ->
         )
     kwargs = {}
     for name, value in data.items():
+        section_defaults = _section_defaults(fields[name], hints[name])
+        if section_defaults is not None and isinstance(value, dict):
+            # A section given in part keeps the defaults of its field's factory (fine-tuning's optimizer
+            # section has other defaults than pretraining's), not just those of the section class.
+            value = {**section_defaults, **value}
         kwargs[name] = _convert(value, hints[name], prefix + name)
     for name, f in fields.items():
         if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
@@ -156,6 +161,14 @@ def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") ->
         return cls(**kwargs)
     except ConfigError as error:
         raise ConfigError(f"{prefix}{error}") from None
+
+
+def _section_defaults(f: dataclasses.Field, tp: Any) -> dict[str, Any] | None:
+    """The field values of a section field's default instance, or None for a plain field."""
+    inner, _ = _unwrap_optional(tp)
+    if not dataclasses.is_dataclass(inner) or f.default_factory is _MISSING:
+        return None
+    return {k.name: getattr(f.default_factory(), k.name) for k in dataclasses.fields(inner) if k.init}
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -188,16 +201,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def _walk(cls: type, prefix: str = ""):
-    """Yield (dotted name, field, type, section class) for every leaf field of `cls`, sections flattened."""
+def _walk(cls: type, prefix: str = "", instance: Any = None):
+    """Yield (dotted name, field, type, section class, default) for every leaf field of `cls`, sections
+    flattened. A section's defaults come from its field's factory (`instance`), else from its class."""
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner, _ = _unwrap_optional(tp)
+        default = getattr(instance, f.name) if instance is not None else _default_of(f)
         if dataclasses.is_dataclass(inner):
-            yield from _walk(inner, f"{prefix}{f.name}.")
+            yield from _walk(inner, f"{prefix}{f.name}.", default)
         else:
-            yield prefix + f.name, f, tp, cls
+            yield prefix + f.name, f, tp, cls, default
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -215,9 +230,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         "--config", metavar="YAML", help="YAML file with any of the fields below; flags override it"
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for dotted, f, tp, section in _walk(cls):
+    for dotted, f, tp, section, default in _walk(cls):
         help_text = f.metadata.get("help", "") or " "
-        default = _default_of(f)
         inner, _ = _unwrap_optional(tp)
         is_list = typing.get_origin(inner) is list
         if f.metadata.get("positional"):

@@ -8,13 +8,14 @@ is the documentation every CPython ships, so it runs anywhere with no download.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from llmkernel.config import build, load_yaml
 from llmkernel.errors import ConfigError
 
-STAGE_ORDER = ("prepare", "pretrain")  # recipe sections run in this order
+STAGE_ORDER = ("prepare", "pretrain", "finetune", "evaluate")  # recipe sections run in this order
 
 # The embedded demo; recipes/demo.yaml holds the same recipe (a test keeps them equal).
 DEMO_RECIPE: dict[str, Any] = {
@@ -50,11 +51,10 @@ def _stage(name: str):
 def _stage_config(stage: str, section: dict[str, Any], force: bool) -> Any:
     if not isinstance(section, dict):
         raise ConfigError(f"{stage}: expected a mapping of config fields")
-    return build(
-        _stage(stage).config_class(),
-        {**section, "force": force or section.get("force", False)},
-        prefix=f"{stage}.",
-    )
+    config_class = _stage(stage).config_class()
+    if "force" in {f.name for f in dataclasses.fields(config_class)}:  # evaluate always runs
+        section = {**section, "force": force or section.get("force", False)}
+    return build(config_class, section, prefix=f"{stage}.")
 
 
 def _run_stage(stage: str, config: Any) -> dict[str, Any]:

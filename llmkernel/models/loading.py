@@ -35,6 +35,15 @@ KNOWN_MODELS = {
 LOAD_LOCK = threading.Lock()
 
 
+def quiet_transformers() -> None:
+    """Hide transformers' per-load progress bars and expected notices (e.g. a new head "newly
+    initialized"); the stages print their own one-line summaries."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LLMK_CACHE", Path.home() / ".cache" / "llmkernel"))
 

@@ -24,7 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from llmkernel.runs import atomic_write_json, staging_folder
+from llmkernel.errors import ConfigError
+from llmkernel.runs import atomic_write_json, is_up_to_date, staging_folder
 from llmkernel.train import dist
 
 CHECKPOINTS = "checkpoints"
@@ -114,3 +115,29 @@ def load_checkpoint(
     rng = state["rng"]
     _set_rng_state(rng[rank_info.rank] if rank_info.rank < len(rng) and rng[rank_info.rank] else rng[0])
     return {"step": state["step"], "extra": state.get("extra", {})}
+
+
+RUN_FILES = (CHECKPOINTS, "tb", "metrics.jsonl", "run.json")
+
+
+def open_output(
+    out: Path, stage: str, run_fingerprint: str, resume: bool, force: bool, rank_info: dist.DistInfo
+) -> list[Path] | None:
+    """Decide what a training stage does with `out`: None when it is up to date (nothing to do), else the
+    checkpoints to resume from ([] for a fresh start). --force clears an earlier run's files."""
+    checkpoints = list_checkpoints(out)
+    if not (force or resume) and is_up_to_date(out, stage, run_fingerprint):
+        dist.print0(f"{out} is up to date (same config and data); nothing to do. Use --force to train again.")
+        return None
+    if checkpoints and not (resume or force):
+        raise ConfigError(
+            f"{out} holds checkpoints of an earlier run: pass --resume to continue it or --force to start over"
+        )
+    if resume and not checkpoints:
+        raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}; drop --resume to start a new run")
+    if force and rank_info.is_main:
+        for name in RUN_FILES:
+            target = Path(out) / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    dist.barrier()
+    return [] if force else checkpoints

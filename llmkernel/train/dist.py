@@ -74,3 +74,26 @@ def print0(*args, **kwargs) -> None:
 def cleanup() -> None:
     if is_distributed():
         torch_dist.destroy_process_group()
+
+
+def wrap_for_training(module: torch.nn.Module, config, rank_info: DistInfo) -> torch.nn.Module:
+    """`module` as the loop's forward pass runs it: compiled if asked, then DDP or FSDP across ranks.
+
+    `config` is the loop's TrainConfig (compile, strategy). One rank: the module itself.
+    """
+    if config.compile:
+        module = torch.compile(module)
+    if rank_info.world_size == 1:
+        return module
+    if config.strategy == "fsdp":
+        if rank_info.device.type != "cuda":
+            from llmkernel.errors import ConfigError
+
+            raise ConfigError("train.strategy: fsdp needs GPUs; use ddp on CPU")
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(module)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [rank_info.local_rank] if rank_info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +48,18 @@ class Task(Protocol):
         """Validation metrics (collective: every rank calls it)."""
 
 
+def plain_backward(
+    compute_loss: Callable[[], torch.Tensor], scale: float, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """One forward and backward pass; returns the (unscaled) summed loss.
+
+    Adversarial training (llmkernel.train.adversarial) replaces this with extra perturbed passes.
+    """
+    loss_sum = compute_loss()
+    (loss_sum * scale).backward()
+    return loss_sum
+
+
 @dataclass
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checkpoints at the next step boundary and returns."""
@@ -65,9 +78,11 @@ class StopFlag:
 class LoopResult:
     step: int
     tokens_seen: int
-    stopped_by: str | None  # None: finished; "SIGINT"/"SIGTERM"; "time_limit"
+    stopped_by: str | None  # None: finished; "SIGINT"/"SIGTERM"; "time_limit"; "early_stopping"
     train_loss: float | None = None
     val_metrics: dict[str, float] = field(default_factory=dict)
+    samples_seen: int = 0  # in this process's run (since the start or the resume)
+    train_seconds: float = 0.0  # time in optimizer steps only (no evaluation, no checkpoints)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -96,21 +111,29 @@ def run_loop(
     grad_clip: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
     sample: Any = None,
+    backward: Callable[..., torch.Tensor] = plain_backward,
+    on_evaluate: Callable[[int, dict[str, float]], bool] | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
 ) -> LoopResult:
     """Train from `start_step` to `config.max_steps` (or a stop); returns where it ended and the last metrics.
 
     `model` is the plain model (evaluation, samples); `train_module` is what the forward pass runs
-    (the model, a task wrapper around it, and/or DDP/FSDP around that).
+    (the model, a task wrapper around it, and/or DDP/FSDP around that). `backward(compute_loss, scale,
+    batch)` runs the passes of one micro-batch (plain, or adversarial). `on_evaluate(step, metrics)` sees
+    every evaluation (fine-tuning keeps the best model there) and returns True to stop early;
+    `extra_state()` adds its state to every checkpoint.
     """
     device = rank_info.device
     step = start_step
     started = time.perf_counter()
-    window_started, window_tokens, window_loss, window_count = started, 0, 0.0, 0
+    window_started, window_tokens, window_samples, window_loss, window_count = started, 0, 0, 0.0, 0
     result = LoopResult(step=step, tokens_seen=tokens_seen, stopped_by=None)
     last_eval = last_checkpoint = start_step
 
     def checkpoint() -> None:
         extra = {"tokens_seen": tokens_seen, "val_metrics": result.val_metrics}
+        if extra_state is not None:
+            extra.update(extra_state())
         save_checkpoint(
             out,
             step,
@@ -128,6 +151,8 @@ def run_loop(
         if step > last_eval and config.eval_every and step % config.eval_every == 0:
             result.val_metrics = _evaluate(task, model, rank_info, logger, step, sample, config)
             last_eval = step
+            if on_evaluate is not None and on_evaluate(step, result.val_metrics):
+                result.stopped_by = "early_stopping"
         # 2. checkpoint
         if step > last_checkpoint and config.checkpoint_every and step % config.checkpoint_every == 0:
             checkpoint()
@@ -143,6 +168,7 @@ def run_loop(
         if step >= config.max_steps or stop.signal_name or result.stopped_by:
             break
         # 4. one optimizer step
+        step_started = time.perf_counter()
         model.train()
         batches = task.micro_batches(step, config.grad_accum, rank_info.rank, rank_info.world_size)
         local_count = torch.tensor(float(sum(task.count(batch) for batch in batches)), dtype=torch.float64)
@@ -151,6 +177,8 @@ def run_loop(
         # gives the gradient of the mean loss over every predicted token of the step (all micro-batches, ranks).
         scale = rank_info.world_size / global_count
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        step_tokens = sum(batch["input_ids"].numel() for batch in batches) * rank_info.world_size
+        step_samples = sum(batch["input_ids"].shape[0] for batch in batches) * rank_info.world_size
         for index, batch in enumerate(batches):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             last = index == len(batches) - 1
@@ -161,9 +189,12 @@ def run_loop(
                 else train_module.no_sync()
             )
             with sync:
-                with _autocast(device, autocast_dtype):
-                    loss_sum = task.loss(train_module, batch)
-                (loss_sum * scale).backward()
+
+                def compute_loss(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+                    with _autocast(device, autocast_dtype):
+                        return task.loss(train_module, batch)
+
+                loss_sum = backward(compute_loss, scale, batch)
             loss_total += loss_sum.detach().double()
         loss_total = dist.all_reduce_sum(loss_total).item()
         if grad_clip > 0:
@@ -174,16 +205,19 @@ def run_loop(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        step_tokens = config.batch_size * config.seq_len * config.grad_accum * rank_info.world_size
+        result.samples_seen += step_samples
+        result.train_seconds += time.perf_counter() - step_started
         tokens_seen += step_tokens
         window_tokens += step_tokens
+        window_samples += step_samples
         window_loss += loss_total
         window_count += global_count
         result.train_loss = loss_total / global_count
         # 5. log
         if step % config.log_every == 0 or step == config.max_steps:
             now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_started, 1e-9)
+            seconds = max(now - window_started, 1e-9)
+            tokens_per_s = window_tokens / seconds
             logger.log(
                 step,
                 "train",
@@ -195,15 +229,18 @@ def run_loop(
                     "mfu": tokens_per_s * flops_per_token / (peak_flops * rank_info.world_size)
                     if peak_flops
                     else 0.0,
+                    "samples_per_s": window_samples / seconds,
                     "tokens": tokens_seen,
                 },
             )
-            window_started, window_tokens, window_loss, window_count = now, 0, 0.0, 0
+            window_started, window_tokens, window_samples, window_loss, window_count = now, 0, 0, 0.0, 0
         logger.advance()
 
     result.stopped_by = stop.signal_name or result.stopped_by
-    if step > last_eval and result.stopped_by is None:
+    if step > last_eval and result.stopped_by in (None, "time_limit"):
         result.val_metrics = _evaluate(task, model, rank_info, logger, step, sample, config)
+        if on_evaluate is not None:
+            on_evaluate(step, result.val_metrics)
     if step > last_checkpoint or not (out / "checkpoints").is_dir():
         checkpoint()
     result.step, result.tokens_seen = step, tokens_seen

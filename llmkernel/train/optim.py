@@ -46,6 +46,8 @@ def lr_multiplier(step: int, max_steps: int, config: OptimConfig) -> float:
         progress = (step - decay_start) / max(1, max_steps - decay_start)
         return 1.0 - (1.0 - floor) * min(1.0, progress)
     progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    if config.schedule == "linear":  # BERT's fine-tuning schedule (Devlin et al. 2019)
+        return 1.0 - (1.0 - floor) * min(1.0, progress)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 

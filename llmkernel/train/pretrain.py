@@ -22,16 +22,9 @@ from llmkernel.data.tokenizer import load_tokenizer
 from llmkernel.errors import ConfigError, InputError
 from llmkernel.models.loading import resolve_model
 from llmkernel.models.presets import build_model, count_parameters, flops_per_token
-from llmkernel.runs import (
-    Manifest,
-    check_writable_parent,
-    describe_inputs,
-    fingerprint,
-    is_up_to_date,
-    read_manifest,
-)
+from llmkernel.runs import Manifest, check_writable_parent, describe_inputs, fingerprint, read_manifest
 from llmkernel.train import dist
-from llmkernel.train.checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint
+from llmkernel.train.checkpoint import load_checkpoint, open_output
 from llmkernel.train.config import PretrainConfig
 from llmkernel.train.logger import TrainLogger
 from llmkernel.train.loop import StopFlag, run_loop
@@ -63,21 +56,9 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
         [data / "shards.json", data / shards.get("tokenizer", "tokenizer") / "tokenizer.json"]
     )
     run_fingerprint = fingerprint({k: v for k, v in resolved.items() if k not in RUN_ONLY_FIELDS}, inputs)
-    checkpoints = list_checkpoints(out)
-    if not (config.force or config.resume) and is_up_to_date(out, STAGE, run_fingerprint):
-        dist.print0(f"{out} is up to date (same config and data); nothing to do. Use --force to train again.")
+    checkpoints = open_output(out, STAGE, run_fingerprint, config.resume, config.force, rank_info)
+    if checkpoints is None:
         return read_manifest(out)["metrics"]
-    if checkpoints and not (config.resume or config.force):
-        raise ConfigError(
-            f"{out} holds checkpoints of an earlier run: pass --resume to continue it or --force to start over"
-        )
-    if config.resume and not checkpoints:
-        raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}; drop --resume to start a new run")
-    if config.force and rank_info.is_main:
-        for name in (CHECKPOINTS, "tb", "metrics.jsonl", "run.json"):
-            target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    dist.barrier()
 
     configure_threads(config.train.threads, rank_info.world_size)
     keep_freed_memory()
@@ -107,7 +88,9 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
             config.train.eval_batches,
             config.mask_probability,
         )
-    train_module = _distribute(task.wrap(model) if hasattr(task, "wrap") else model, config, rank_info)
+    train_module = dist.wrap_for_training(
+        task.wrap(model) if hasattr(task, "wrap") else model, config.train, rank_info
+    )
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
     start_step, tokens_seen = 0, 0
@@ -208,23 +191,6 @@ def _vocab_differs(folder: Path, tokenizer) -> bool:
     except InputError:
         return False  # a model folder without a tokenizer: only the size check applies
     return model_tokenizer.get_vocab() != tokenizer.get_vocab()
-
-
-def _distribute(module: torch.nn.Module, config: PretrainConfig, rank_info: dist.DistInfo) -> torch.nn.Module:
-    if config.train.compile:
-        module = torch.compile(module)
-    if rank_info.world_size == 1:
-        return module
-    if config.train.strategy == "fsdp":
-        if rank_info.device.type != "cuda":
-            raise ConfigError("train.strategy: fsdp needs GPUs; use ddp on CPU")
-        from torch.distributed.fsdp import fully_shard
-
-        return fully_shard(module)
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [rank_info.local_rank] if rank_info.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def _save_model(model, tokenizer, out: Path) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation: classification and entity metrics, robustness attacks, the `llmk evaluate` stage."""

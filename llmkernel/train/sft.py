@@ -1,0 +1,180 @@
+"""`sft`: instruction / chat tuning of decoders, a task for the one loop.
+
+Conversations are rendered with the model's chat template; only the assistant's tokens carry a loss (the
+template's markup, system and user turns are context). With packing, conversations are concatenated into
+rows of `max_length` tokens (no padding, as in the HF TRL's packing); without it, each is a row and batches
+are length-grouped and dynamically padded. The LM head runs only at the positions that carry a loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmkernel.errors import InputError
+from llmkernel.train import dist
+from llmkernel.train.tasks import IGNORE, SupervisedTask
+
+# Used for tokenizers without a chat template (e.g. a decoder we pretrained): ChatML, as SmolLM2 uses.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class SelectedPositionsLM(torch.nn.Module):
+    """A causal LM whose head runs only at given positions: the vocabulary projection is the most
+    expensive layer of a small decoder (49k x 576 for SmolLM2) and most positions carry no loss."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.model.get_output_embeddings()(hidden.last_hidden_state[positions])  # (selected, vocab)
+
+
+class ChatSFT(SupervisedTask):
+    """Supervised fine-tuning on conversations, loss on assistant tokens only."""
+
+    name = "sft"
+    default_metric = "loss"
+
+    def __init__(
+        self, tokenizer, max_length: int, batch_size: int, seed: int = 0, packing: bool = True
+    ) -> None:
+        super().__init__(tokenizer, max_length, batch_size, seed)
+        self.packing = packing
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = CHATML_TEMPLATE
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.pad_id
+        self.eval_conversations: list[list[dict[str, str]]] = []
+
+    def render(self, messages: Sequence[dict[str, str]], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def encode_conversation(self, messages: Sequence[dict[str, str]]) -> dict[str, list[int]]:
+        """Token ids of the rendered conversation and labels that are IGNORE outside assistant replies."""
+        text = self.render(messages)
+        spans = []  # character spans of the assistant replies (with their end-of-turn markup)
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(self.render(messages[:index], generation_prompt=True))
+                spans.append((start, len(self.render(messages[: index + 1]))))
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        labels = [IGNORE] * len(ids)
+        for position, (begin, _) in enumerate(encoded["offset_mapping"]):
+            if any(start <= begin < end for start, end in spans):
+                labels[position] = ids[position]
+        return {"input_ids": ids, "labels": labels}
+
+    def encode(self, conversations: Sequence[Sequence[dict[str, str]]], pack: bool) -> list[dict[str, Any]]:
+        examples = [self.encode_conversation(c) for c in conversations]
+        if not pack:
+            return [{k: v[: self.max_length] for k, v in e.items()} for e in examples]
+        order = np.random.default_rng(self.seed).permutation(len(examples))
+        ids: list[int] = []
+        labels: list[int] = []
+        for index in order:  # conversations back to back, an end-of-text token between them
+            ids += examples[index]["input_ids"] + [self.eos_id]
+            labels += examples[index]["labels"] + [IGNORE]
+        rows = range(0, len(ids), self.max_length)
+        return [
+            {"input_ids": ids[i : i + self.max_length], "labels": labels[i : i + self.max_length]}
+            for i in rows
+        ]
+
+    def set_data(
+        self, train: Sequence[Sequence[dict[str, str]]], evaluation: Sequence[Sequence[dict[str, str]]]
+    ):
+        self.set_train(self.encode(train, self.packing))
+        self.eval = self.encode(evaluation, pack=False)
+        self.eval_conversations = [list(c) for c in evaluation]
+        if not any(label != IGNORE for e in self.train for label in e["labels"]):
+            raise InputError("no assistant tokens to learn from in the training data: every reply is empty")
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return SelectedPositionsLM(model)
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().collate(examples)
+        # Position t predicts token t+1: a loss where the next token is an assistant token.
+        shifted = torch.full_like(batch["labels"], IGNORE)
+        shifted[:, :-1] = batch["labels"][:, 1:]
+        batch["positions"] = shifted != IGNORE
+        batch["labels"] = shifted[batch["positions"]]
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["labels"].numel()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["positions"])  # (selected, vocab)
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    @torch.no_grad()
+    def report(
+        self, model: torch.nn.Module, device: torch.device, examples: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Loss and perplexity on the assistant tokens of the evaluation conversations."""
+        model.eval()
+        head = SelectedPositionsLM(model)
+        examples = self.eval if examples is None else examples
+        nats, tokens = 0.0, 0
+        for _, batch in self.eval_batches(examples):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = head(batch["input_ids"], batch["attention_mask"], batch["positions"]).float()
+            nats += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            tokens += batch["labels"].numel()
+        loss = nats / max(1, tokens)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "assistant_tokens": tokens}
+
+    def evaluate(
+        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
+    ) -> dict[str, float]:
+        metrics = None
+        if rank == 0:
+            report = self.report(model, device)
+            metrics = {k: report[k] for k in ("loss", "perplexity")}
+        return dist.broadcast_object(metrics)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        messages: Sequence[dict[str, str]],
+        max_new_tokens: int,
+    ) -> str:
+        """The model's greedy reply to a conversation (its last assistant turn left out)."""
+        prompt = list(messages[:-1]) if messages[-1]["role"] == "assistant" else list(messages)
+        ids = self.tokenizer(
+            self.render(prompt, generation_prompt=True), add_special_tokens=False, return_tensors="pt"
+        )
+        output = model.generate(
+            ids["input_ids"].to(device),
+            attention_mask=ids["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+        )
+        return self.tokenizer.decode(
+            output[0, ids["input_ids"].shape[1] :].tolist(), skip_special_tokens=True
+        )
+
+    def sample(self, model: torch.nn.Module, device: torch.device, max_new_tokens: int) -> str:
+        """The reply to the first evaluation conversation (shown at each evaluation)."""
+        if not self.eval_conversations:
+            return ""
+        return self.answer(model, device, self.eval_conversations[0], max_new_tokens)

@@ -1,0 +1,104 @@
+"""Tiny random model folders shared by the serve, finetune and evaluate tests.
+
+Real HF folders (config.json, safetensors, tokenizer files) small enough to build in well under a second:
+a 2-layer Llama with a byte-level BPE tokenizer and a chat template, and 2-layer BERTs (plain, sequence
+classification, token classification) with a small WordPiece vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import BertConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from llmkernel.data.config import TokenizerConfig
+from llmkernel.data.tokenizer import train_tokenizer
+
+CORPUS = [
+    "Hello world, the quick brown fox jumps over the lazy dog.",
+    "Alice lives in Paris and Bob works in Berlin.",
+    "Call me at +44 20 7946 0958 or mail alice@example.com today.",
+] * 20
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+def make_tiny_llama(folder: Path) -> Path:
+    """A 2-layer LlamaForCausalLM (width 32) with a 320-token byte-level BPE tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    # the product's own byte-level BPE trainer: ChatML template, <|endoftext|> as eos
+    tokenizer = train_tokenizer(CORPUS, TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=1), folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)  # next to the tokenizer train_tokenizer saved
+    return folder
+
+
+def make_tiny_bert(folder: Path, head: str) -> Path:
+    """A 2-layer BERT (width 32): head is "model" (BertModel), "classify" (2 labels) or "ner" (BIO tags)."""
+    from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    words = ["hello", "world", "alice", "bob", "lives", "works", "in", "paris", "berlin", "the", "call", "me"]
+    vocab_list = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *words,
+        *letters,
+        *[f"##{c}" for c in letters],
+    ]
+    vocab_list += list(".,@+-!?")
+    wordpiece = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab_list)}, unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    wordpiece.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    labels = {"model": ["LABEL_0"], "classify": ["negative", "positive"], "ner": NER_LABELS}[head]
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab_list),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    model_class = {
+        "model": BertModel,
+        "classify": BertForSequenceClassification,
+        "ner": BertForTokenClassification,
+    }
+    model_class[head](config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
