@@ -30,6 +30,7 @@ bench: setup  ## benchmark scripts; each prints one JSON line
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/finetune.py
 
 lint: setup
 	$(BIN)/ruff check llmkernel tests bench

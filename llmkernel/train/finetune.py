@@ -74,6 +74,8 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     # 1. data, and the settings derived from it
     max_length = config.train.seq_len or default_max_length(config, tokenizer, model_config)
     task = build_task(config, tokenizer, max_length)
+    if config.eval_metric and config.eval_metric not in task.metrics:
+        raise ConfigError(f"eval_metric: {config.task} reports {', '.join(task.metrics)}; pick one of them")
     config = resolve_defaults(config, task, model_config, max_length, rank_info.world_size)
     checkpoints = open_output(out, STAGE, run_fingerprint, config.resume, config.force, rank_info)
     if checkpoints is None:

@@ -47,6 +47,7 @@ class ChatSFT(SupervisedTask):
 
     name = "sft"
     default_metric = "loss"
+    metrics = ("loss", "perplexity")
 
     def __init__(
         self, tokenizer, max_length: int, batch_size: int, seed: int = 0, packing: bool = True
@@ -102,7 +103,9 @@ class ChatSFT(SupervisedTask):
         self.eval = self.encode(evaluation, pack=False)
         self.eval_conversations = [list(c) for c in evaluation]
         if not any(label != IGNORE for e in self.train for label in e["labels"]):
-            raise InputError("no assistant tokens to learn from in the training data: every reply is empty")
+            raise InputError(
+                "no assistant tokens to learn from in the training data: add assistant turns (the replies to learn)"
+            )
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return SelectedPositionsLM(model)
@@ -146,7 +149,7 @@ class ChatSFT(SupervisedTask):
         metrics = None
         if rank == 0:
             report = self.report(model, device)
-            metrics = {k: report[k] for k in ("loss", "perplexity")}
+            metrics = {k: report[k] for k in self.metrics}
         return dist.broadcast_object(metrics)
 
     @torch.no_grad()

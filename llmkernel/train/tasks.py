@@ -72,6 +72,8 @@ class SupervisedTask:
     """What classify, ner and sft share: encoded examples, batching, padding and the loop's batch API."""
 
     name = "supervised"
+    metrics: tuple[str, ...] = ()  # what `evaluate` reports; `eval_metric` picks one of them
+    default_metric = "loss"
     lower_is_better = ("loss", "perplexity", "bits_per_byte")
 
     def __init__(self, tokenizer, max_length: int, batch_size: int, seed: int) -> None:
@@ -130,6 +132,7 @@ class Classify(SupervisedTask):
 
     name = "classify"
     default_metric = "accuracy"
+    metrics = ("accuracy", "macro_f1", "loss")
 
     def __init__(self, tokenizer, labels: list[str], max_length: int, batch_size: int, seed: int = 0) -> None:
         super().__init__(tokenizer, max_length, batch_size, seed)
@@ -192,7 +195,7 @@ class Classify(SupervisedTask):
         metrics = None
         if rank == 0:
             report = self.report(model, device)
-            metrics = {k: report[k] for k in ("accuracy", "macro_f1", "loss")}
+            metrics = {k: report[k] for k in self.metrics}
         return dist.broadcast_object(metrics)
 
 
@@ -210,6 +213,7 @@ class TokenClassify(SupervisedTask):
 
     name = "ner"
     default_metric = "f1"
+    metrics = ("f1", "precision", "recall", "token_accuracy")
 
     def __init__(self, tokenizer, tags: list[str], max_length: int, batch_size: int, seed: int = 0) -> None:
         super().__init__(tokenizer, max_length, batch_size, seed)
@@ -294,7 +298,7 @@ class TokenClassify(SupervisedTask):
         metrics = None
         if rank == 0:
             report = self.report(model, device)
-            metrics = {k: report[k] for k in ("f1", "precision", "recall", "token_accuracy")}
+            metrics = {k: report[k] for k in self.metrics}
         return dist.broadcast_object(metrics)
 
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,160 @@
+"""Benchmark `llmk finetune` against the Hugging Face Trainer: same model, data, batch size and max length.
+
+MiniLM (all-MiniLM-L6-v2) classifying SST-2: the first --rows training rows, one epoch, batch 32, max length
+64, learning rate 1e-4 with 6% warmup and linear decay, weight decay 0.01, fp32 on CPU, then accuracy on the
+872 dev sentences. The Trainer pads each batch to its longest row (DataCollatorWithPadding, its usual
+set-up); we pad dynamically too and group rows of similar length into batches. For reference the Trainer
+is also run with its own length grouping (train_sampling_strategy='group_by_length') (key hf_trainer_grouped_samples_per_s). Samples/s count
+training time only (no evaluation or checkpoint time) on both sides; each side runs in its own process.
+
+Prints one JSON line: samples_per_s, hf_trainer_samples_per_s, ratio_vs_hf_trainer, dev_accuracy,
+hf_trainer_dev_accuracy, hf_trainer_grouped_samples_per_s, hf_trainer_grouped_dev_accuracy.
+Usage: python bench/finetune.py [--rows 8000] [--no-grouped]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+BATCH, MAX_LENGTH, LR = 32, 64, 1e-4
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def ours(rows: int, out: Path) -> dict[str, float]:
+    args = ["finetune", "classify", "--model", "all-minilm-l6-v2", "--out", str(out), "--progress", "false"]
+    args += ["--data.train", str(SST2 / "train.tsv"), "--data.eval", str(SST2 / "dev.tsv")]
+    args += ["--data.limit", str(rows), "--epochs", "1", "--patience", "0", "--optim.lr", str(LR)]
+    args += ["--train.batch_size", str(BATCH), "--train.seq_len", str(MAX_LENGTH)]
+    result = subprocess.run(
+        [sys.executable, "-m", "llmkernel.cli", *args], env=ENV, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        sys.exit(f"llmk finetune failed: {result.stderr[-2000:]}")
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    return {"samples_per_s": metrics["train_samples_per_s"], "dev_accuracy": metrics["eval_accuracy"]}
+
+
+def hf_trainer(rows: int, out: Path, grouped: bool) -> dict[str, float]:
+    """The Trainer side, run in this (child) process."""
+    import numpy as np
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from llmkernel.models.loading import minilm_folder
+    from llmkernel.train.labeled_data import read_classification
+
+    torch.manual_seed(0)
+    folder = minilm_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+
+    def dataset(path: Path, limit: int) -> list[dict]:
+        data = read_classification(path, limit=limit)
+        encoded = tokenizer(data.texts, truncation=True, max_length=MAX_LENGTH)
+        return [
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": int(label)}
+            for ids, mask, types, label in zip(
+                encoded["input_ids"],
+                encoded["attention_mask"],
+                encoded["token_type_ids"],
+                data.labels,
+                strict=True,
+            )
+        ]
+
+    arguments = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        per_device_eval_batch_size=64,
+        num_train_epochs=1,
+        learning_rate=LR,
+        warmup_steps=0.06,  # a float below 1 is a share of the steps in transformers 5
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        train_sampling_strategy="group_by_length" if grouped else "random",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        logging_steps=50,
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=dataset(SST2 / "train.tsv", rows),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    result = trainer.train()
+    predictions = trainer.predict(dataset(SST2 / "dev.tsv", 0))
+    accuracy = float(np.mean(predictions.predictions.argmax(-1) == predictions.label_ids))
+    return {"samples_per_s": result.metrics["train_samples_per_second"], "dev_accuracy": accuracy}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8000, help="training rows (the first N of SST-2 train)")
+    parser.add_argument("--no-grouped", action="store_true", help="skip the Trainer run with group_by_length")
+    parser.add_argument("--hf-side", choices=["plain", "grouped"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hf_side:  # child process: one Trainer run, its figures on stdout
+        print(json.dumps(hf_trainer(args.rows, Path(args.out), args.hf_side == "grouped")))
+        return
+    if not SST2.is_dir():
+        sys.exit(f"SST-2 not found at {SST2} (shared data)")
+
+    def trainer_run(side: str, folder: Path) -> dict[str, float]:
+        command = [
+            sys.executable,
+            __file__,
+            "--rows",
+            str(args.rows),
+            "--hf-side",
+            side,
+            "--out",
+            str(folder),
+        ]
+        result = subprocess.run(command, env=ENV, capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"HF Trainer run failed: {result.stderr[-2000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ours_figures = ours(args.rows, root / "ours")
+        plain = trainer_run("plain", root / "hf")
+        grouped = None if args.no_grouped else trainer_run("grouped", root / "hf-grouped")
+    figures = {
+        "rows": args.rows,
+        "batch_size": BATCH,
+        "max_length": MAX_LENGTH,
+        "samples_per_s": round(ours_figures["samples_per_s"], 2),
+        "hf_trainer_samples_per_s": round(plain["samples_per_s"], 2),
+        "ratio_vs_hf_trainer": round(ours_figures["samples_per_s"] / plain["samples_per_s"], 3),
+        "dev_accuracy": round(ours_figures["dev_accuracy"], 4),
+        "hf_trainer_dev_accuracy": round(plain["dev_accuracy"], 4),
+    }
+    if grouped is not None:
+        figures["hf_trainer_grouped_samples_per_s"] = round(grouped["samples_per_s"], 2)
+        figures["hf_trainer_grouped_dev_accuracy"] = round(grouped["dev_accuracy"], 4)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
