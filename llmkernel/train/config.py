@@ -143,12 +143,17 @@ class FinetuneDataConfig:
     pair_column: str | None = option(None, "classify: column with the second text of a pair (null: detected)")
     label_column: str | None = option(None, "classify: column with the label (null: detected)")
     limit: int = option(0, "use only the first N training rows (0: all)")
-    class_weights: bool = option(False, "classify: weight classes by inverse frequency (imbalanced data)")
+    class_weights: str = option(
+        "auto",
+        "classify: weight classes by inverse frequency: auto (when the largest class is 3x the smallest), true, false",
+    )
     packing: bool = option(True, "sft: concatenate conversations into full rows of train.seq_len tokens")
 
     def __post_init__(self) -> None:
         check(0 < self.eval_fraction < 1, "eval_fraction", "must be in (0, 1)")
         check(self.limit >= 0, "limit", "must be >= 0")
+        self.class_weights = str(self.class_weights).lower()
+        check(self.class_weights in ("auto", "true", "false"), "class_weights", "must be auto, true or false")
 
 
 @dataclass

@@ -151,6 +151,13 @@ class Classify(SupervisedTask):
             for i, label in enumerate(labels)
         ]
 
+    def wants_class_weights(self, setting: str) -> bool:
+        """ "true"/"false" as given; "auto": when the largest class has 3x the examples of the smallest."""
+        if setting != "auto":
+            return setting == "true"
+        counts = np.bincount([e["labels"] for e in self.train], minlength=len(self.labels))
+        return counts.max() >= 3 * max(1, counts.min())
+
     def use_class_weights(self) -> None:
         """Weight each class by n / (classes x its count) (King and Zeng 2001), for imbalanced data."""
         counts = np.bincount([e["labels"] for e in self.train], minlength=len(self.labels)).astype(float)

@@ -221,6 +221,15 @@ def test_classify_loss_is_the_sum_of_per_example_cross_entropies(bert_folder):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_class_weights_auto_turn_on_for_imbalanced_data(bert_folder):
+    tokenizer = AutoTokenizer.from_pretrained(bert_folder)
+    task = Classify(tokenizer, ["negative", "positive"], max_length=32, batch_size=8)
+    task.set_train(task.encode(classification(TEXTS[:4], ["negative", "negative", "positive", "positive"])))
+    assert not task.wants_class_weights("auto") and task.wants_class_weights("true")
+    task.set_train(task.encode(classification(TEXTS[:4], ["negative", "negative", "negative", "positive"])))
+    assert task.wants_class_weights("auto") and not task.wants_class_weights("false")
+
+
 def test_class_weights_are_inverse_frequency_and_weight_the_loss(bert_folder):
     tokenizer = AutoTokenizer.from_pretrained(bert_folder)
     model = AutoModelForSequenceClassification.from_pretrained(bert_folder).eval()
