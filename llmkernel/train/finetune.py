@@ -32,8 +32,7 @@ from llmkernel.train import dist, labeled_data
 from llmkernel.train.adversarial import Adversary
 from llmkernel.train.checkpoint import load_checkpoint, open_output
 from llmkernel.train.config import FinetuneConfig
-from llmkernel.train.logger import TrainLogger
-from llmkernel.train.loop import StopFlag, plain_backward, run_loop
+from llmkernel.train.loop import plain_backward, train
 from llmkernel.train.methods import (
     apply_lora,
     freeze_all_but_top_layers,
@@ -42,7 +41,7 @@ from llmkernel.train.methods import (
     trainable_share,
 )
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.perf import autocast_dtype_for, configure_threads, keep_freed_memory
+from llmkernel.train.perf import configure_threads, keep_freed_memory
 from llmkernel.train.sft import ChatSFT
 from llmkernel.train.tasks import Classify, SupervisedTask, TokenClassify
 
@@ -133,39 +132,28 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
         backward = Adversary(
             model, adversarial.method, adversarial.epsilon, adversarial.step_size, adversarial.steps
         )
-    stop = StopFlag()
-    stop.install()
-    logger = TrainLogger(out, config.train.max_steps, start_step, rank_info.is_main, config.progress)
-    try:
-        result = run_loop(
-            task=task,
-            model=model,
-            train_module=train_module,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            config=config.train,
-            out=out,
-            run_config=to_dict(config),
-            rank_info=rank_info,
-            logger=logger,
-            start_step=start_step,
-            tokens_seen=0,
-            flops_per_token=0,
-            peak_flops=0.0,
-            stop=stop,
-            grad_clip=config.optim.grad_clip,
-            autocast_dtype=autocast_dtype_for(config.train.dtype, rank_info.device),
-            sample=getattr(task, "sample", None),
-            backward=backward,
-            on_evaluate=best,
-            extra_state=lambda: {"best": best.state_dict()},
-        )
-    finally:
-        logger.close()
+    result = train(
+        task=task,
+        model=model,
+        train_module=train_module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=config.train,
+        out=out,
+        progress=config.progress,
+        run_config=to_dict(config),
+        rank_info=rank_info,
+        start_step=start_step,
+        tokens_seen=0,
+        flops_per_token=0,
+        peak_flops=0.0,
+        grad_clip=config.optim.grad_clip,
+        sample=getattr(task, "sample", None),
+        backward=backward,
+        on_evaluate=best,
+        extra_state=lambda: {"best": best.state_dict()},
+    )
     if result.stopped_by in ("SIGINT", "SIGTERM"):
-        dist.print0(
-            f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved. Continue with --resume."
-        )
         return {"step": result.step, "stopped_by": result.stopped_by}
 
     # 4. the best weights, evaluated and saved

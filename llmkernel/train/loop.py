@@ -247,6 +247,43 @@ def run_loop(
     return result
 
 
+def train(
+    *,
+    out: Path,
+    progress: bool,
+    grad_clip: float,
+    rank_info: dist.DistInfo,
+    config: TrainConfig,
+    **loop_args: Any,
+) -> LoopResult:
+    """`run_loop` with what every training stage puts around it: SIGINT/SIGTERM caught (a checkpoint, then
+    a clean return), the logger (progress bar, metrics.jsonl, TensorBoard), autocast chosen for the device.
+    After a signal it says how to continue."""
+    from llmkernel.train.perf import autocast_dtype_for
+
+    stop = StopFlag()
+    stop.install()
+    logger = TrainLogger(out, config.max_steps, loop_args["start_step"], rank_info.is_main, progress)
+    try:
+        result = run_loop(
+            out=out,
+            config=config,
+            rank_info=rank_info,
+            logger=logger,
+            stop=stop,
+            grad_clip=grad_clip,
+            autocast_dtype=autocast_dtype_for(config.dtype, rank_info.device),
+            **loop_args,
+        )
+    finally:
+        logger.close()
+    if result.stopped_by in ("SIGINT", "SIGTERM"):
+        dist.print0(
+            f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved. Continue with --resume."
+        )
+    return result
+
+
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     grads = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.tensor(0.0)

@@ -26,11 +26,10 @@ from llmkernel.runs import Manifest, check_writable_parent, describe_inputs, fin
 from llmkernel.train import dist
 from llmkernel.train.checkpoint import load_checkpoint, open_output
 from llmkernel.train.config import PretrainConfig
-from llmkernel.train.logger import TrainLogger
-from llmkernel.train.loop import StopFlag, run_loop
+from llmkernel.train.loop import train
 from llmkernel.train.objectives import CausalLM, MaskedLM
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.perf import autocast_dtype_for, configure_threads, keep_freed_memory, matmul_peak_flops
+from llmkernel.train.perf import configure_threads, keep_freed_memory, matmul_peak_flops
 
 STAGE = "pretrain"
 RUN_ONLY_FIELDS = ("out", "resume", "force", "progress")
@@ -102,36 +101,25 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
-    stop = StopFlag()
-    stop.install()
-    logger = TrainLogger(out, config.train.max_steps, start_step, rank_info.is_main, config.progress)
-    try:
-        result = run_loop(
-            task=task,
-            model=model,
-            train_module=train_module,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            config=config.train,
-            out=out,
-            run_config=resolved,
-            rank_info=rank_info,
-            logger=logger,
-            start_step=start_step,
-            tokens_seen=tokens_seen,
-            flops_per_token=model_flops,
-            peak_flops=peak,
-            stop=stop,
-            grad_clip=config.optim.grad_clip,
-            autocast_dtype=autocast_dtype_for(config.train.dtype, rank_info.device),
-            sample=getattr(task, "sample", None) if kind == "decoder" else None,
-        )
-    finally:
-        logger.close()
+    result = train(
+        task=task,
+        model=model,
+        train_module=train_module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=config.train,
+        out=out,
+        progress=config.progress,
+        run_config=resolved,
+        rank_info=rank_info,
+        start_step=start_step,
+        tokens_seen=tokens_seen,
+        flops_per_token=model_flops,
+        peak_flops=peak,
+        grad_clip=config.optim.grad_clip,
+        sample=getattr(task, "sample", None) if kind == "decoder" else None,
+    )
     if result.stopped_by in ("SIGINT", "SIGTERM"):
-        dist.print0(
-            f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved. Continue with --resume."
-        )
         return {"step": result.step, "stopped_by": result.stopped_by}
 
     metrics = {

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from llmkernel.errors import InputError
-from llmkernel.train import dist
 from llmkernel.train.tasks import IGNORE, SupervisedTask
 
 # Used for tokenizers without a chat template (e.g. a decoder we pretrained): ChatML, as SmolLM2 uses.
@@ -142,15 +141,6 @@ class ChatSFT(SupervisedTask):
             tokens += batch["labels"].numel()
         loss = nats / max(1, tokens)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "assistant_tokens": tokens}
-
-    def evaluate(
-        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
-    ) -> dict[str, float]:
-        metrics = None
-        if rank == 0:
-            report = self.report(model, device)
-            metrics = {k: report[k] for k in self.metrics}
-        return dist.broadcast_object(metrics)
 
     @torch.no_grad()
     def answer(

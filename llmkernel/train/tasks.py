@@ -115,6 +115,21 @@ class SupervisedTask:
         first = step * count * world_size + rank * count  # this rank's batches among the step's
         return [self.collate([self.train[i] for i in self.batches.batch(first + m)]) for m in range(count)]
 
+    def report(self, model: torch.nn.Module, device: torch.device, examples=None) -> dict[str, Any]:
+        """The full report of the task's metrics on `examples` (default: the evaluation set)."""
+        raise NotImplementedError
+
+    def evaluate(
+        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
+    ) -> dict[str, float]:
+        """The loop's evaluation: the task's `metrics` from `report` on the evaluation set, computed on
+        rank 0 (the sets are small) and shared with every rank."""
+        metrics = None
+        if rank == 0:
+            report = self.report(model, device)
+            metrics = {k: report[k] for k in self.metrics}
+        return dist.broadcast_object(metrics)
+
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -194,16 +209,6 @@ class Classify(SupervisedTask):
         report = classification_report([e["labels"] for e in examples], predictions.tolist(), self.labels)
         report["loss"] = total / max(1, len(examples))
         return report
-
-    def evaluate(
-        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
-    ) -> dict[str, float]:
-        """Accuracy, macro-F1 and loss on the evaluation set (computed on rank 0, shared with all)."""
-        metrics = None
-        if rank == 0:
-            report = self.report(model, device)
-            metrics = {k: report[k] for k in self.metrics}
-        return dist.broadcast_object(metrics)
 
 
 @dataclass
@@ -297,16 +302,6 @@ class TokenClassify(SupervisedTask):
         report = entity_report([s.tags for s in sentences], predicted)
         report["loss"] = total / max(1, sum(e["labels"].count(IGNORE) < len(e["labels"]) for e in examples))
         return report
-
-    def evaluate(
-        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
-    ) -> dict[str, float]:
-        """Entity-level precision, recall and F1 (seqeval's rules) and token accuracy, on rank 0."""
-        metrics = None
-        if rank == 0:
-            report = self.report(model, device)
-            metrics = {k: report[k] for k in self.metrics}
-        return dist.broadcast_object(metrics)
 
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return super().collate([{k: v for k, v in e.items() if k != "word_starts"} for e in examples])
