@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from llmkernel.config import build
 from llmkernel.data.config import PrepareConfig
 from llmkernel.data.pipeline import prepare
+from tests.tiny_models import make_tiny_bert, make_tiny_llama
 
 WORDS = (
     "the a river ran past old mill where miller kept books and counted grain each evening while his daughter "
@@ -50,3 +52,30 @@ def bpe_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def wordpiece_data(tmp_path_factory):
     return _prepare(tmp_path_factory.mktemp("wordpiece"), "wordpiece")
+
+
+# ----------------------------------------------------------------------------- tiny fine-tuning models
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on busy shared cores they spin (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("bert_classify"), "classify")
+
+
+@pytest.fixture(scope="session")
+def ner_folder(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("bert_ner"), "ner")
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("llama"))

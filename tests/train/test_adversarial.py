@@ -14,24 +14,12 @@ from llmkernel.train.labeled_data import ClassificationData
 from llmkernel.train.loop import plain_backward
 from llmkernel.train.methods import apply_lora, freeze_all_but_top_layers
 from llmkernel.train.tasks import Classify
-from tests.tiny_models import make_tiny_bert
 
 TEXTS = ["hello world", "alice lives in paris", "call me in berlin, bob!"]  # varied lengths: padding
 LABELS = ["positive", "negative", "positive"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores they spin (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("bert_classify"), "classify")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

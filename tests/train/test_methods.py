@@ -19,7 +19,6 @@ from llmkernel.train.methods import (
     trainable_share,
     transformer_blocks,
 )
-from tests.tiny_models import make_tiny_bert, make_tiny_llama
 
 BERT_BLOCK_LINEARS = (
     "attention.self.query",
@@ -40,23 +39,7 @@ LLAMA_BLOCK_LINEARS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores they spin (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("bert_classify"), "classify")
-
-
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -14,33 +14,12 @@ from llmkernel.errors import InputError
 from llmkernel.train.labeled_data import ClassificationData, TaggedSentence
 from llmkernel.train.sft import ChatSFT, SelectedPositionsLM
 from llmkernel.train.tasks import IGNORE, Classify, LengthGroupedBatches, TokenClassify, pad
-from tests.tiny_models import NER_LABELS, make_tiny_bert, make_tiny_llama
+from tests.tiny_models import NER_LABELS
 
 TEXTS = ["hello world", "alice lives in paris", "bob", "call me in berlin, bob!", "the world"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores they spin (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("bert_classify"), "classify")
-
-
-@pytest.fixture(scope="module")
-def ner_folder(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("bert_ner"), "ner")
-
-
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def classification(texts, labels=None, pairs=None) -> ClassificationData:
