@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmkernel.config import build
+from llmkernel.errors import InputError
 from llmkernel.eval.evaluate import EvaluateConfig, evaluate
 from llmkernel.train.config import FinetuneConfig
 from llmkernel.train.finetune import BestModel, finetune
@@ -262,6 +263,16 @@ def test_ner_reports_entity_f1(tmp_path):
     assert metrics["eval_f1"] == report["f1"] > 0.8
     document = evaluate(build(EvaluateConfig, {"model": str(out), "data": dev, "out": str(tmp_path / "e")}))
     assert document["f1"] == pytest.approx(report["f1"])
+    for attack in ("swap", "hotflip"):
+        config = {
+            "model": str(out),
+            "data": dev,
+            "attack": attack,
+            "attack_rate": 0.3,
+            "out": str(tmp_path / attack),
+        }
+        attacked = evaluate(build(EvaluateConfig, config))
+        assert attacked["f1"] == pytest.approx(report["f1"]) and attacked["attack"]["f1"] <= report["f1"]
 
 
 def test_sft_lora_learns_the_replies_and_merges(tmp_path):
@@ -318,6 +329,8 @@ def test_evaluate_lm_bits_per_byte(tmp_path):
     )
     assert document["task"] == "lm" and 0 < document["bits_per_byte"] < 20
     assert document["perplexity"] == pytest.approx(2.718281828 ** document["loss"], rel=1e-6)
+    with pytest.raises(InputError, match="--attack applies to classify and ner"):
+        evaluate(build(EvaluateConfig, {"model": str(llama), "data": str(text), "attack": "typo"}))
 
 
 # ------------------------------------------------------------------------------------------- bad input
