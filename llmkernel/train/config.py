@@ -179,9 +179,11 @@ class AdversarialConfig:
 
     method: str = option("none", "none, fgm, pgd or freelb")
     epsilon: float = option(
-        1.0, "L2 radius of a sequence's perturbation (fgm: its size; freelb: 0 = unbounded)"
+        0.05, "perturbation size, relative to each sequence's embedding norm (freelb: its bound, 0 = none)"
     )
-    step_size: float = option(0.3, "pgd/freelb: size of each ascent step (freelb: also the random start)")
+    step_size: float = option(
+        0.02, "pgd/freelb: each ascent step, relative to the embedding norm (freelb: also the random start)"
+    )
     steps: int = option(3, "pgd/freelb: ascent steps per batch")
 
     def __post_init__(self) -> None:

@@ -75,6 +75,13 @@ def per_example_norms(delta: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- helpers
 
 
+def embedding_norms(model, batch) -> torch.Tensor:
+    """(batch,) each sequence's input-embedding norm over its real tokens: what epsilon is relative to."""
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(batch["input_ids"]) * batch["attention_mask"].unsqueeze(-1)
+    return embeds.flatten(1).norm(dim=1)
+
+
 def test_normalised_gives_unit_norm_per_example():
     scales = torch.tensor([1e-3, 1.0, 50.0]).view(-1, 1, 1)
     gradient = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)) * scales
@@ -151,7 +158,8 @@ def test_fgm_gradient_is_clean_plus_the_gradient_at_epsilon_along_the_embedding_
     direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1)
     model.zero_grad(set_to_none=True)
     loss_at(embeddings.detach()).backward()
-    loss_at(embeddings.detach() + epsilon * direction).backward()
+    radius = epsilon * embedding_norms(model, batch).view(-1, 1, 1)  # epsilon is relative
+    loss_at(embeddings.detach() + radius * direction).backward()
     expected = gradients(model)
 
     model.zero_grad(set_to_none=True)
@@ -185,8 +193,8 @@ def test_perturbations_stay_within_epsilon(setup, method):
     deltas = recorded_deltas(adversary)
     adversary(compute_loss_for(model, task, batch), 1 / task.count(batch), batch)
     assert len(deltas) == {"pgd": 1 + 3 + 1, "freelb": 4}[method]
-    norms = torch.stack([per_example_norms(d) for d in deltas])
-    assert norms.max() <= epsilon * (1 + 1e-5)
+    norms = torch.stack([per_example_norms(d) for d in deltas]) / embedding_norms(model, batch)
+    assert norms.max() <= epsilon * (1 + 1e-5)  # relative to each sequence's embedding norm
     assert norms[-1].min() == pytest.approx(epsilon, rel=1e-4)  # the last steps reach the boundary
 
 
@@ -239,4 +247,5 @@ def test_adversary_on_a_lora_model_reaches_the_adapters(setup):
     adversary(compute_loss_for(peft_model, task, batch), 1 / task.count(batch), batch)
     grads = gradients(peft_model)
     assert any(".lora_B." in n for n in grads)
-    assert per_example_norms(deltas[-1]).tolist() == pytest.approx([1.0] * 3, rel=1e-5)
+    expected = embedding_norms(peft_model, batch).tolist()  # epsilon 1.0: as long as the embeddings
+    assert per_example_norms(deltas[-1]).tolist() == pytest.approx(expected, rel=1e-5)
