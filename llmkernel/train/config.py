@@ -145,7 +145,7 @@ class FinetuneDataConfig:
     limit: int = option(0, "use only the first N training rows (0: all)")
     class_weights: str = option(
         "auto",
-        "classify: weight classes by inverse frequency: auto (when the largest class is 3x the smallest), true, false",
+        "classify/ner: weight labels by inverse frequency: auto (when the commonest is 3x the rarest), true, false",
     )
     packing: bool = option(True, "sft: concatenate conversations into full rows of train.seq_len tokens")
 

@@ -101,11 +101,11 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
         f"{config.task} / {config.method}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
         f"({100 * trainable / total:.2f}%); {len(task.train):,} training and {len(task.eval):,} evaluation examples"
     )
-    if config.task == "classify" and task.wants_class_weights(config.data.class_weights):
+    if config.task != "sft" and task.wants_class_weights(config.data.class_weights):
         task.use_class_weights()
         dist.print0(
             "class weights: "
-            + ", ".join(f"{n} {w:.2f}" for n, w in zip(task.labels, task.class_weights.tolist()))
+            + ", ".join(f"{n} {w:.2f}" for n, w in zip(task.names, task.class_weights.tolist()))
         )
     model.to(rank_info.device)
     train_module = dist.wrap_for_training(

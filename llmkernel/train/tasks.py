@@ -84,6 +84,39 @@ class SupervisedTask:
         self.eval: list[dict[str, list[int]]] = []
         self.batches: LengthGroupedBatches | None = None
 
+    class_weights: torch.Tensor | None = None
+    # Class weights are (n / (classes x count)) ** power (King and Zeng 2001 at power 1). Token labels are far
+    # more skewed (~90% "O" in NER), so token classification softens them with a smaller power.
+    class_weight_power = 1.0
+
+    @property
+    def names(self) -> list[str]:
+        """The label names (classes or tags); ids index into it."""
+        return []
+
+    def label_counts(self) -> np.ndarray:
+        """How often each label id occurs in the training examples (IGNORE positions left out)."""
+        ids = [
+            i for e in self.train for i in (e["labels"] if isinstance(e["labels"], list) else [e["labels"]])
+        ]
+        ids = np.asarray([i for i in ids if i != IGNORE], dtype=np.int64)
+        return np.bincount(ids, minlength=len(self.names))
+
+    def wants_class_weights(self, setting: str) -> bool:
+        """ "true"/"false" as given; "auto": when the most frequent label is 3x the least frequent."""
+        if setting != "auto":
+            return setting == "true"
+        counts = self.label_counts()
+        return counts.max() >= 3 * max(1, counts.min())
+
+    def use_class_weights(self) -> None:
+        counts = self.label_counts().astype(float)
+        weights = (counts.sum() / (len(counts) * np.maximum(counts, 1.0))) ** self.class_weight_power
+        self.class_weights = torch.tensor(weights, dtype=torch.float32)
+
+    def weight(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.class_weights is None else self.class_weights.to(device)
+
     def set_train(self, examples: list[dict[str, Any]]) -> None:
         self.train = examples
         self.batches = LengthGroupedBatches(
@@ -153,7 +186,10 @@ class Classify(SupervisedTask):
         super().__init__(tokenizer, max_length, batch_size, seed)
         self.labels = labels
         self.label_ids = {name: i for i, name in enumerate(labels)}
-        self.class_weights: torch.Tensor | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return self.labels
 
     def encode(self, data: ClassificationData) -> list[dict[str, Any]]:
         encoded = self.tokenizer(
@@ -166,26 +202,12 @@ class Classify(SupervisedTask):
             for i, label in enumerate(labels)
         ]
 
-    def wants_class_weights(self, setting: str) -> bool:
-        """ "true"/"false" as given; "auto": when the largest class has 3x the examples of the smallest."""
-        if setting != "auto":
-            return setting == "true"
-        counts = np.bincount([e["labels"] for e in self.train], minlength=len(self.labels))
-        return counts.max() >= 3 * max(1, counts.min())
-
-    def use_class_weights(self) -> None:
-        """Weight each class by n / (classes x its count) (King and Zeng 2001), for imbalanced data."""
-        counts = np.bincount([e["labels"] for e in self.train], minlength=len(self.labels)).astype(float)
-        weights = len(self.train) / (len(self.labels) * np.maximum(counts, 1.0))
-        self.class_weights = torch.tensor(weights, dtype=torch.float32)
-
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["labels"].numel()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**self.model_inputs(batch)).logits.float()  # (batch, labels)
-        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
-        return F.cross_entropy(logits, batch["labels"], weight=weight, reduction="sum")
+        return F.cross_entropy(logits, batch["labels"], weight=self.weight(logits.device), reduction="sum")
 
     @torch.no_grad()
     def predict(
@@ -225,12 +247,18 @@ class TokenClassify(SupervisedTask):
 
     name = "ner"
     default_metric = "f1"
+
+    @property
+    def names(self) -> list[str]:
+        return self.tags
+
     metrics = ("f1", "precision", "recall", "token_accuracy")
 
     def __init__(self, tokenizer, tags: list[str], max_length: int, batch_size: int, seed: int = 0) -> None:
         super().__init__(tokenizer, max_length, batch_size, seed)
         self.tags = tags
         self.tag_ids = {name: i for i, name in enumerate(tags)}
+        self.class_weight_power = 0.5
         self.eval_sentences: list[TaggedSentence] = []
 
     def encode(self, sentences: Sequence[TaggedSentence]) -> list[dict[str, Any]]:
@@ -263,7 +291,11 @@ class TokenClassify(SupervisedTask):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**self.model_inputs(batch)).logits.float()  # (batch, length, tags)
         return F.cross_entropy(
-            logits.view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=IGNORE, reduction="sum"
+            logits.view(-1, logits.size(-1)),
+            batch["labels"].view(-1),
+            weight=self.weight(logits.device),
+            ignore_index=IGNORE,
+            reduction="sum",
         )
 
     @torch.no_grad()
