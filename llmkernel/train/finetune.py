@@ -97,9 +97,10 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
             config.lora.target_modules,
         )
     trainable, total = trainable_share(model)
+    unit = "rows (packed conversations)" if config.task == "sft" and config.data.packing else "examples"
     dist.print0(
         f"{config.task} / {config.method}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
-        f"({100 * trainable / total:.2f}%); {len(task.train):,} training and {len(task.eval):,} evaluation examples"
+        f"({100 * trainable / total:.2f}%); {len(task.train):,} training {unit} and {len(task.eval):,} evaluation examples"
     )
     if config.task != "sft" and task.wants_class_weights(config.data.class_weights):
         task.use_class_weights()
