@@ -7,9 +7,12 @@ set-up); we pad dynamically too and group rows of similar length into batches. F
 is also run with its own length grouping (train_sampling_strategy='group_by_length') (key hf_trainer_grouped_samples_per_s). Samples/s count
 training time only (no evaluation or checkpoint time) on both sides; each side runs in its own process.
 
+With --seeds N each side runs N seeds (0..N-1) and the figures are means (per-seed accuracies are listed
+too): one run's dev accuracy on 872 sentences moves by about a point from seed to seed.
+
 Prints one JSON line: samples_per_s, hf_trainer_samples_per_s, ratio_vs_hf_trainer, dev_accuracy,
 hf_trainer_dev_accuracy, hf_trainer_grouped_samples_per_s, hf_trainer_grouped_dev_accuracy.
-Usage: python bench/finetune.py [--rows 8000] [--no-grouped]
+Usage: python bench/finetune.py [--rows 8000] [--seeds 1] [--no-grouped]
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ BATCH, MAX_LENGTH, LR = 32, 64, 1e-4
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
-def ours(rows: int, out: Path) -> dict[str, float]:
+def ours(rows: int, out: Path, seed: int) -> dict[str, float]:
     args = ["finetune", "classify", "--model", "all-minilm-l6-v2", "--out", str(out), "--progress", "false"]
     args += ["--data.train", str(SST2 / "train.tsv"), "--data.eval", str(SST2 / "dev.tsv")]
     args += ["--data.limit", str(rows), "--epochs", "1", "--patience", "0", "--optim.lr", str(LR)]
-    args += ["--train.batch_size", str(BATCH), "--train.seq_len", str(MAX_LENGTH)]
+    args += ["--train.batch_size", str(BATCH), "--train.seq_len", str(MAX_LENGTH), "--train.seed", str(seed)]
     result = subprocess.run(
         [sys.executable, "-m", "llmkernel.cli", *args], env=ENV, capture_output=True, text=True
     )
@@ -42,7 +45,7 @@ def ours(rows: int, out: Path) -> dict[str, float]:
     return {"samples_per_s": metrics["train_samples_per_s"], "dev_accuracy": metrics["eval_accuracy"]}
 
 
-def hf_trainer(rows: int, out: Path, grouped: bool) -> dict[str, float]:
+def hf_trainer(rows: int, out: Path, grouped: bool, seed: int) -> dict[str, float]:
     """The Trainer side, run in this (child) process."""
     import numpy as np
     import torch
@@ -57,7 +60,7 @@ def hf_trainer(rows: int, out: Path, grouped: bool) -> dict[str, float]:
     from llmkernel.models.loading import minilm_folder
     from llmkernel.train.labeled_data import read_classification
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     folder = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
@@ -90,7 +93,7 @@ def hf_trainer(rows: int, out: Path, grouped: bool) -> dict[str, float]:
         eval_strategy="no",
         report_to=[],
         logging_steps=50,
-        seed=0,
+        seed=seed,
         use_cpu=True,
         disable_tqdm=True,
     )
@@ -110,16 +113,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8000, help="training rows (the first N of SST-2 train)")
     parser.add_argument("--no-grouped", action="store_true", help="skip the Trainer run with group_by_length")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per side (figures are means)")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--hf-side", choices=["plain", "grouped"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_side:  # child process: one Trainer run, its figures on stdout
-        print(json.dumps(hf_trainer(args.rows, Path(args.out), args.hf_side == "grouped")))
+        print(json.dumps(hf_trainer(args.rows, Path(args.out), args.hf_side == "grouped", args.seed)))
         return
     if not SST2.is_dir():
         sys.exit(f"SST-2 not found at {SST2} (shared data)")
 
-    def trainer_run(side: str, folder: Path) -> dict[str, float]:
+    def trainer_run(side: str, folder: Path, seed: int) -> dict[str, float]:
         command = [
             sys.executable,
             __file__,
@@ -130,29 +135,40 @@ def main() -> None:
             "--out",
             str(folder),
         ]
-        result = subprocess.run(command, env=ENV, capture_output=True, text=True)
+        result = subprocess.run([*command, "--seed", str(seed)], env=ENV, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"HF Trainer run failed: {result.stderr[-2000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
 
+    runs: dict[str, list[dict[str, float]]] = {"ours": [], "plain": [], "grouped": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ours_figures = ours(args.rows, root / "ours")
-        plain = trainer_run("plain", root / "hf")
-        grouped = None if args.no_grouped else trainer_run("grouped", root / "hf-grouped")
+        for seed in range(args.seeds):  # the sides alternate, so a load change hits both
+            runs["ours"].append(ours(args.rows, root / f"ours-{seed}", seed))
+            runs["plain"].append(trainer_run("plain", root / f"hf-{seed}", seed))
+            if not args.no_grouped:
+                runs["grouped"].append(trainer_run("grouped", root / f"hf-grouped-{seed}", seed))
+
+    def mean(side: str, key: str) -> float:
+        return sum(run[key] for run in runs[side]) / len(runs[side])
+
     figures = {
         "rows": args.rows,
         "batch_size": BATCH,
         "max_length": MAX_LENGTH,
-        "samples_per_s": round(ours_figures["samples_per_s"], 2),
-        "hf_trainer_samples_per_s": round(plain["samples_per_s"], 2),
-        "ratio_vs_hf_trainer": round(ours_figures["samples_per_s"] / plain["samples_per_s"], 3),
-        "dev_accuracy": round(ours_figures["dev_accuracy"], 4),
-        "hf_trainer_dev_accuracy": round(plain["dev_accuracy"], 4),
+        "seeds": args.seeds,
+        "samples_per_s": round(mean("ours", "samples_per_s"), 2),
+        "hf_trainer_samples_per_s": round(mean("plain", "samples_per_s"), 2),
+        "ratio_vs_hf_trainer": round(mean("ours", "samples_per_s") / mean("plain", "samples_per_s"), 3),
+        "dev_accuracy": round(mean("ours", "dev_accuracy"), 4),
+        "hf_trainer_dev_accuracy": round(mean("plain", "dev_accuracy"), 4),
     }
-    if grouped is not None:
-        figures["hf_trainer_grouped_samples_per_s"] = round(grouped["samples_per_s"], 2)
-        figures["hf_trainer_grouped_dev_accuracy"] = round(grouped["dev_accuracy"], 4)
+    if args.seeds > 1:
+        figures["dev_accuracy_per_seed"] = [round(r["dev_accuracy"], 4) for r in runs["ours"]]
+        figures["hf_trainer_dev_accuracy_per_seed"] = [round(r["dev_accuracy"], 4) for r in runs["plain"]]
+    if runs["grouped"]:
+        figures["hf_trainer_grouped_samples_per_s"] = round(mean("grouped", "samples_per_s"), 2)
+        figures["hf_trainer_grouped_dev_accuracy"] = round(mean("grouped", "dev_accuracy"), 4)
     print(json.dumps(figures))
 
 
