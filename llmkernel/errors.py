@@ -30,6 +30,12 @@ class MissingExtraError(UserError):
     """An optional dependency is not installed."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can span pages), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # extra name -> the pip requirement that provides it
 EXTRAS = {"ray": "llmkernel[ray]"}
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkernel.config import check, option
-from llmkernel.errors import InputError
+from llmkernel.errors import InputError, first_line
 from llmkernel.eval.attacks import ATTACKS, hotflip, perturb_text, perturb_words
 from llmkernel.eval.report import save_report
 from llmkernel.models.loading import quiet_transformers, resolve_model
@@ -96,13 +96,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         return save_report(config.out, "sft", report, extra=extra)
 
     task, examples, perturbed = build_eval_task(config, task_name, model, tokenizer, max_length)
-    report = _report(task, model, device, examples)
+    report = task.report(model, device, examples)
     attacked, attack = None, None
     if config.attack != "none":
         attack = {"kind": config.attack, "rate": config.attack_rate, "seed": config.seed}
         if config.attack == "hotflip":
             perturbed = hotflip_examples(task, model, examples, config.attack_rate)
-        attacked = _report(task, model, device, perturbed)
+        attacked = task.report(model, device, perturbed)
     title = f"{Path(folder).name} on {Path(config.data).name}"
     return save_report(config.out, task_name, report, title, attacked, attack, extra=extra)
 
@@ -154,8 +154,7 @@ def load_tuned_model(folder: Path, task_name: str):
         else:
             model = loader.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{folder}: cannot load as a {task_name} model ({first})") from None
+        raise InputError(f"{folder}: cannot load as a {task_name} model ({first_line(error)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -196,10 +195,6 @@ def build_eval_task(config: EvaluateConfig, task_name: str, model, tokenizer, ma
         ]
         perturbed = task.encode(attacked)
     return task, task.encode(sentences), perturbed
-
-
-def _report(task: SupervisedTask, model, device, examples) -> dict[str, Any]:
-    return task.report(model, device, examples)
 
 
 def hotflip_examples(task: SupervisedTask, model, examples: list[dict[str, Any]], rate: float) -> list[dict]:

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,17 @@ import numpy as np
 import torch
 
 from llmkernel.config import to_dict
-from llmkernel.errors import ConfigError, InputError
+from llmkernel.errors import ConfigError, InputError, first_line
 from llmkernel.eval.report import save_report
 from llmkernel.models.loading import quiet_transformers, resolve_model
-from llmkernel.runs import Manifest, check_writable_parent, describe_inputs, fingerprint, read_manifest
+from llmkernel.runs import (
+    Manifest,
+    check_writable_parent,
+    describe_inputs,
+    fingerprint,
+    read_manifest,
+    staging_folder,
+)
 from llmkernel.train import dist, labeled_data
 from llmkernel.train.adversarial import Adversary
 from llmkernel.train.checkpoint import load_checkpoint, open_output
@@ -71,8 +79,8 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     run_fingerprint = fingerprint({k: v for k, v in user_config.items() if k not in RUN_ONLY_FIELDS}, inputs)
 
     # 1. data, and the settings derived from it
-    max_length = config.train.seq_len or default_max_length(config, tokenizer, model_config)
-    task = build_task(config, tokenizer, max_length)
+    task = build_task(config, tokenizer, model_config)
+    max_length = task.max_length
     if config.eval_metric and config.eval_metric not in task.metrics:
         raise ConfigError(f"eval_metric: {config.task} reports {', '.join(task.metrics)}; pick one of them")
     config = resolve_defaults(config, task, model_config, max_length, rank_info.world_size)
@@ -203,9 +211,16 @@ def load_tokenizer_and_config(folder: Path):
     return tokenizer, model_config
 
 
-def build_task(config: FinetuneConfig, tokenizer, max_length: int) -> SupervisedTask:
-    """The task with its training and evaluation examples encoded (a held-out share when no eval file)."""
+def build_task(config: FinetuneConfig, tokenizer, model_config) -> SupervisedTask:
+    """The task with its training and evaluation examples encoded (a held-out share when no eval file).
+
+    Each file is read once; the max length (unless set) comes from the training examples just read.
+    """
     data, seed, batch = config.data, config.train.seed, config.train.batch_size
+
+    def max_length(lengths: Callable[[int], list[int]]) -> int:
+        return config.train.seq_len or default_max_length(lengths, config.task, model_config, data.train)
+
     if config.task == "classify":
         train = labeled_data.read_classification(
             data.train, data.text_column, data.pair_column, data.label_column, limit=data.limit
@@ -218,7 +233,12 @@ def build_task(config: FinetuneConfig, tokenizer, max_length: int) -> Supervised
             raise InputError(
                 f"{data.train}: only one label ({labels[0]!r}); classification needs two or more"
             )
-        task = Classify(tokenizer, labels, max_length, batch, seed)
+
+        def lengths(count: int) -> list[int]:
+            pairs = train.pairs[:count] if train.pairs else None
+            return [len(ids) for ids in tokenizer(train.texts[:count], pairs)["input_ids"]]
+
+        task = Classify(tokenizer, labels, max_length(lengths), batch, seed)
         task.set_train(task.encode(train))
         task.eval = task.encode(evaluation)
     elif config.task == "ner":
@@ -232,14 +252,22 @@ def build_task(config: FinetuneConfig, tokenizer, max_length: int) -> Supervised
                 f"tags in {data.eval or data.train} missing from the training data: {', '.join(unknown[:5])}; "
                 "every evaluation tag must occur in training"
             )
-        task = TokenClassify(tokenizer, tags, max_length, batch, seed)
+
+        def lengths(count: int) -> list[int]:
+            encoded = tokenizer([s.tokens for s in train[:count]], is_split_into_words=True)
+            return [len(ids) for ids in encoded["input_ids"]]
+
+        task = TokenClassify(tokenizer, tags, max_length(lengths), batch, seed)
         task.set_train(task.encode(train))
         task.eval, task.eval_sentences = task.encode(evaluation), evaluation
     else:
         train = labeled_data.read_chat(data.train)[: data.limit or None]
         evaluation = labeled_data.read_chat(data.eval) if data.eval else None
         train, evaluation = _split(train, evaluation, data.eval_fraction, seed)
-        task = ChatSFT(tokenizer, max_length, batch, seed, packing=data.packing)
+        task = ChatSFT(tokenizer, 0, batch, seed, packing=data.packing)
+        task.max_length = max_length(
+            lambda count: [len(task.encode_conversation(c)["input_ids"]) for c in train[:count]]
+        )
         task.set_data(train, evaluation)
     if not task.train or not task.eval:
         raise InputError(
@@ -268,34 +296,21 @@ def _split(train, evaluation, fraction: float, seed: int):
     return [train[i] for i in order[cut:]], [train[i] for i in order[:cut]]
 
 
-def default_max_length(config: FinetuneConfig, tokenizer, model_config) -> int:
+def default_max_length(
+    lengths: Callable[[int], list[int]], task: str, model_config, path: str, sample: int = 20000
+) -> int:
     """Long enough for 99.5% of the training examples (a multiple of 8), within the model's context.
 
-    Dynamic padding makes a generous bound cheap; only the rare outliers beyond it are truncated.
+    `lengths(n)` gives the token lengths of the first n training examples (a sample: tokenizing is the
+    cost). Dynamic padding makes a generous bound cheap; only the rare outliers beyond it are truncated.
     """
     limit = getattr(model_config, "max_position_embeddings", None) or 2048
-    if config.task == "sft":
-        limit = min(limit, 2048)
-    data = config.data
-    if config.task == "classify":
-        rows = labeled_data.read_classification(
-            data.train, data.text_column, data.pair_column, data.label_column
-        )
-        sample = rows.texts[:20000]
-        pairs = rows.pairs[:20000] if rows.pairs else None
-        lengths = [len(ids) for ids in tokenizer(sample, pairs, add_special_tokens=True)["input_ids"]]
-    elif config.task == "ner":
-        sentences = labeled_data.read_conll(data.train)[:20000]
-        encoded = tokenizer([s.tokens for s in sentences], is_split_into_words=True)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-    else:
-        task = ChatSFT(tokenizer, limit, 1)
-        lengths = [
-            len(task.encode_conversation(c)["input_ids"]) for c in labeled_data.read_chat(data.train)[:2000]
-        ]
-    if not lengths:
-        raise InputError(f"{data.train}: no examples")
-    return int(min(limit, max(8, math.ceil(np.percentile(lengths, 99.5) / 8) * 8)))
+    if task == "sft":
+        limit, sample = min(limit, 2048), 2000  # rendering chat templates is slower
+    counted = lengths(sample)
+    if not counted:
+        raise InputError(f"{path}: no examples")
+    return int(min(limit, max(8, math.ceil(np.percentile(counted, 99.5) / 8) * 8)))
 
 
 def default_learning_rate(method: str, width: int) -> float:
@@ -363,7 +378,7 @@ def load_task_model(folder: Path, task_name: str, task: SupervisedTask, tokenize
     try:
         model = loader.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        raise InputError(f"{folder}: cannot load as a model for {task_name} ({error})") from None
+        raise InputError(f"{folder}: cannot load as a model for {task_name} ({first_line(error)})") from None
     return model
 
 
@@ -397,8 +412,6 @@ class BestModel:
         if better:
             self.best_value, self.best_step, self.bad_evaluations = value, step, 0
             if self.rank_info.is_main:
-                from llmkernel.runs import staging_folder
-
                 state = {
                     n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad
                 }
