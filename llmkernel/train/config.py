@@ -13,6 +13,7 @@ from llmkernel.models.presets import ModelConfig
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")
+COMPILE_SETTINGS = ("auto", "true", "false")
 OBJECTIVES = ("clm", "mlm")
 
 
@@ -73,7 +74,11 @@ class TrainConfig:
     log_every: int = option(10, "write metrics every N steps")
     seed: int = option(0, "seed for initialisation, data order and masking")
     dtype: str = option("auto", "auto (fp32 on CPU, bf16 autocast on GPUs that support it), fp32 or bf16")
-    compile: bool = option(False, "torch.compile the model")
+    compile: str = option(
+        "auto",
+        "torch.compile the training forward/backward: true, false, or auto (pretraining runs of at least "
+        "300 steps on a GPU, or on a CPU with a C++ compiler; the first step then takes ~30 s longer)",
+    )
     strategy: str = option("ddp", "with torchrun: ddp, or fsdp (GPUs)")
     threads: int = option(0, "CPU threads per process (0: the cores available / processes)")
 
@@ -86,6 +91,8 @@ class TrainConfig:
         check(self.time_limit_minutes >= 0, "time_limit_minutes", "must be >= 0")
         check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
+        self.compile = str(self.compile).lower()  # run.json files before "auto" hold a bool
+        check(self.compile in COMPILE_SETTINGS, "compile", f"must be one of {', '.join(COMPILE_SETTINGS)}")
 
 
 @dataclass

@@ -76,16 +76,18 @@ def cleanup() -> None:
         torch_dist.destroy_process_group()
 
 
-def wrap_for_training(module: torch.nn.Module, config, rank_info: DistInfo) -> torch.nn.Module:
+def wrap_for_training(
+    module: torch.nn.Module, strategy: str, rank_info: DistInfo, compile_module: bool = False
+) -> torch.nn.Module:
     """`module` as the loop's forward pass runs it: compiled if asked, then DDP or FSDP across ranks.
 
-    `config` is the loop's TrainConfig (compile, strategy). One rank: the module itself.
+    `strategy` is TrainConfig.strategy (ddp or fsdp). One rank: the (compiled) module itself.
     """
-    if config.compile:
+    if compile_module:
         module = torch.compile(module)
     if rank_info.world_size == 1:
         return module
-    if config.strategy == "fsdp":
+    if strategy == "fsdp":
         if rank_info.device.type != "cuda":
             from llmkernel.errors import ConfigError
 

@@ -49,7 +49,7 @@ from llmkernel.train.methods import (
     trainable_share,
 )
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.perf import configure_threads, keep_freed_memory
+from llmkernel.train.perf import compile_decision, configure_threads, keep_freed_memory
 from llmkernel.train.sft import ChatSFT
 from llmkernel.train.tasks import Classify, SupervisedTask, TokenClassify
 
@@ -117,8 +117,11 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
             + ", ".join(f"{n} {w:.2f}" for n, w in zip(task.names, task.class_weights.tolist()))
         )
     model.to(rank_info.device)
+    compile_module, _ = compile_decision(
+        config.train.compile, rank_info.device, config.train.max_steps, static_shapes=False
+    )
     train_module = dist.wrap_for_training(
-        task.wrap(model) if hasattr(task, "wrap") else model, config.train, rank_info
+        task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
     )
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)

@@ -29,7 +29,13 @@ from llmkernel.train.config import PretrainConfig
 from llmkernel.train.loop import train
 from llmkernel.train.objectives import CausalLM, MaskedLM
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.perf import configure_threads, keep_freed_memory, matmul_peak_flops
+from llmkernel.train.perf import (
+    compile_decision,
+    configure_threads,
+    keep_freed_memory,
+    matmul_peak_flops,
+    skip_causal_mask_when_compiled,
+)
 
 STAGE = "pretrain"
 RUN_ONLY_FIELDS = ("out", "resume", "force", "progress")
@@ -87,9 +93,16 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
             config.train.eval_batches,
             config.mask_probability,
         )
-    train_module = dist.wrap_for_training(
-        task.wrap(model) if hasattr(task, "wrap") else model, config.train, rank_info
+    # MLM's masked positions change in number every step; causal windows keep one shape.
+    compile_module, compile_note = compile_decision(
+        config.train.compile, rank_info.device, config.train.max_steps, config.objective == "clm"
     )
+    if compile_module:
+        skip_causal_mask_when_compiled(model)
+    train_module = dist.wrap_for_training(
+        task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
+    )
+    dist.print0(f"training step: {compile_note}")
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
     start_step, tokens_seen = 0, 0

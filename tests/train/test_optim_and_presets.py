@@ -53,3 +53,24 @@ def test_config_validation_names_the_flag():
         build(PretrainConfig, {"train": {"batch_size": 0}})
     with pytest.raises(ConfigError, match="width"):
         ModelConfig(width=100, heads=3).resolved("decoder")
+
+
+def test_compile_auto_only_where_it_pays():
+    from llmkernel.train.perf import COMPILE_MIN_STEPS, compile_decision
+
+    cpu = torch.device("cpu")
+    assert compile_decision("true", cpu, 1, static_shapes=False)[0]
+    assert not compile_decision("false", torch.device("cuda"), 10_000, static_shapes=True)[0]
+    assert not compile_decision("auto", cpu, COMPILE_MIN_STEPS - 1, static_shapes=True)[0]
+    assert not compile_decision("auto", cpu, 10_000, static_shapes=False)[0]
+    assert compile_decision("auto", torch.device("cuda"), COMPILE_MIN_STEPS, static_shapes=True)[0]
+
+
+def test_compile_setting_reads_old_boolean_configs():
+    from llmkernel.errors import ConfigError
+    from llmkernel.train.config import TrainConfig
+
+    assert TrainConfig(compile=False).compile == "false"  # run.json written before "auto"
+    assert TrainConfig(compile="True").compile == "true"
+    with pytest.raises(ConfigError, match="compile"):
+        TrainConfig(compile="sometimes")

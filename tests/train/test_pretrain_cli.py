@@ -162,3 +162,15 @@ def test_cli_errors_exit_2(bpe_data, tmp_path):
         )
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.e2e
+def test_compiled_training_follows_the_eager_losses(bpe_data, tmp_path):
+    args = ["pretrain", "--data", str(bpe_data), *COMMON, "--train.max_steps", "6"]
+    eager = run_llmk(*args, "--train.compile", "false", "--out", str(tmp_path / "eager"))
+    compiled = run_llmk(*args, "--train.compile", "true", "--out", str(tmp_path / "compiled"))
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert "training step: compiled" in compiled.stdout
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
+    assert (tmp_path / "compiled" / "model.safetensors").is_file()  # saved without torch.compile's prefixes
+    assert "llmk_causal_sdpa" not in (tmp_path / "compiled" / "config.json").read_text()  # a plain HF folder
