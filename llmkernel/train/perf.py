@@ -18,7 +18,7 @@ def keep_freed_memory() -> bool:
 
     With the defaults, every large tensor of a CPU training step comes from a fresh mmap that the kernel
     must zero-fill and the next free unmaps again; raising the mmap and trim thresholds keeps those pages
-    in the heap (the reason PyTorch's CPU tuning guide suggests jemalloc/tcmalloc). Measured here: +4.7%
+    in the heap (the reason PyTorch's CPU tuning guide suggests jemalloc/tcmalloc). Measured: +5 to +9%
     tokens/s on the 4 x 256 Llama of bench/pretrain.py. A no-op where glibc is not the allocator.
     """
     try:
