@@ -64,8 +64,21 @@ def describe_inputs(paths: list[Path]) -> list[dict[str, Any]]:
     return [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]
 
 
-def fingerprint(config: dict[str, Any], inputs: list[dict[str, Any]]) -> str:
-    """A hash of what determines a stage's output: its config and its inputs' contents."""
+def fingerprint(config: dict[str, Any], inputs: list[dict[str, Any]], run_only: tuple[str, ...] = ()) -> str:
+    """A hash of what determines a stage's output: its config and its inputs' contents.
+
+    `run_only` names the fields that say how to run, not what comes out (`out`, `progress`,
+    `train.threads`: a dotted name reaches into a section); they are left out, so changing them
+    neither re-runs a finished stage nor stops a resume.
+    """
+    config = json.loads(json.dumps(config))  # a deep copy to prune
+    for name in run_only:
+        *sections, field = name.split(".")
+        section = config
+        for key in sections:
+            section = section.get(key, {}) if isinstance(section, dict) else {}
+        if isinstance(section, dict):
+            section.pop(field, None)
     payload = json.dumps(
         {"config": config, "inputs": [(i["path"], i["sha256"]) for i in inputs]}, sort_keys=True
     )

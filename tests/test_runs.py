@@ -59,3 +59,15 @@ def test_manifest_records_inputs_outputs_and_fingerprint(tmp_path):
     assert read_manifest(out)["metrics"] == {"m": 1}
     assert is_up_to_date(out, "prepare", run_fingerprint)
     assert not is_up_to_date(out, "pretrain", run_fingerprint)
+
+
+def test_fingerprint_leaves_out_how_to_run_fields():
+    inputs = [{"path": "data.txt", "sha256": "0" * 64}]
+    config = {"out": "a", "train": {"threads": 1, "compile": "auto", "lr": 1.0}}
+    run_only = ("out", "train.threads", "train.compile", "missing.field")
+    same = fingerprint({"out": "b", "train": {"threads": 2, "compile": "true", "lr": 1.0}}, inputs, run_only)
+    assert fingerprint(config, inputs, run_only) == same
+    assert fingerprint(config, inputs, run_only) != fingerprint(
+        {**config, "train": {**config["train"], "lr": 2.0}}, inputs, run_only
+    )
+    assert config["train"]["threads"] == 1  # the caller's dict is left alone

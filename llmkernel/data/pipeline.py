@@ -313,9 +313,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     files = resolve_inputs(config.inputs)
     out = Path(config.out)
     resolved = to_dict(config)
-    result_config = {k: v for k, v in resolved.items() if k not in RUN_ONLY_FIELDS}
     inputs = [builtin_fingerprint() if path is None else describe_inputs([path])[0] for _, path in files]
-    run_fingerprint = fingerprint(result_config, inputs)
+    run_fingerprint = fingerprint(resolved, inputs, RUN_ONLY_FIELDS)
     if not config.force and is_up_to_date(out, STAGE, run_fingerprint):
         print(f"{out} is up to date (same config and inputs); nothing to do. Use --force to run again.")
         return read_manifest(out)["metrics"]

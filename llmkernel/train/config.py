@@ -15,6 +15,8 @@ DTYPES = ("auto", "fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")
 COMPILE_SETTINGS = ("auto", "true", "false")
 OBJECTIVES = ("clm", "mlm")
+# Fields of pretrain/finetune that say how to run, not what comes out (left out of the run's fingerprint).
+RUN_ONLY_FIELDS = ("out", "resume", "force", "progress", "train.compile", "train.threads")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from llmkernel.runs import (
 from llmkernel.train import dist, labeled_data
 from llmkernel.train.adversarial import Adversary
 from llmkernel.train.checkpoint import load_checkpoint, open_output
-from llmkernel.train.config import FinetuneConfig
+from llmkernel.train.config import RUN_ONLY_FIELDS, FinetuneConfig
 from llmkernel.train.loop import plain_backward, train
 from llmkernel.train.methods import (
     apply_lora,
@@ -54,7 +54,6 @@ from llmkernel.train.sft import ChatSFT
 from llmkernel.train.tasks import Classify, SupervisedTask, TokenClassify
 
 STAGE = "finetune"
-RUN_ONLY_FIELDS = ("out", "resume", "force", "progress")
 TARGET_STEPS = 800  # default epochs aim at about this many optimizer steps (at least 1, at most 10 epochs)
 BEST = "best"
 
@@ -76,7 +75,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     tokenizer, model_config = load_tokenizer_and_config(folder)
     inputs = describe_inputs([Path(p) for p in (config.data.train, config.data.eval) if p])
     user_config = to_dict(config)
-    run_fingerprint = fingerprint({k: v for k, v in user_config.items() if k not in RUN_ONLY_FIELDS}, inputs)
+    run_fingerprint = fingerprint(user_config, inputs, RUN_ONLY_FIELDS)
 
     # 1. data, and the settings derived from it
     task = build_task(config, tokenizer, model_config)

@@ -25,7 +25,7 @@ from llmkernel.models.presets import build_model, count_parameters, flops_per_to
 from llmkernel.runs import Manifest, check_writable_parent, describe_inputs, fingerprint, read_manifest
 from llmkernel.train import dist
 from llmkernel.train.checkpoint import load_checkpoint, open_output
-from llmkernel.train.config import PretrainConfig
+from llmkernel.train.config import RUN_ONLY_FIELDS, PretrainConfig
 from llmkernel.train.loop import train
 from llmkernel.train.objectives import CausalLM, MaskedLM
 from llmkernel.train.optim import build_optimizer, build_scheduler
@@ -38,7 +38,6 @@ from llmkernel.train.perf import (
 )
 
 STAGE = "pretrain"
-RUN_ONLY_FIELDS = ("out", "resume", "force", "progress")
 
 
 def pretrain(config: PretrainConfig) -> dict[str, Any]:
@@ -60,7 +59,7 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
     inputs = describe_inputs(
         [data / "shards.json", data / shards.get("tokenizer", "tokenizer") / "tokenizer.json"]
     )
-    run_fingerprint = fingerprint({k: v for k, v in resolved.items() if k not in RUN_ONLY_FIELDS}, inputs)
+    run_fingerprint = fingerprint(resolved, inputs, RUN_ONLY_FIELDS)
     checkpoints = open_output(out, STAGE, run_fingerprint, config.resume, config.force, rank_info)
     if checkpoints is None:
         return read_manifest(out)["metrics"]
