@@ -223,6 +223,11 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
+def _escape(help_text: str) -> str:
+    """argparse %-formats help strings: a literal "15%" would make --help crash."""
+    return help_text.replace("%", "%%")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add `--config` and one flag per config field (dotted for sections, grouped by section) to `parser`."""
     parser.formatter_class = _HelpFormatter
@@ -236,7 +241,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         is_list = typing.get_origin(inner) is list
         if f.metadata.get("positional"):
             parser.add_argument(
-                dotted, nargs="*" if is_list else "?", default=argparse.SUPPRESS, help=f"{help_text}"
+                dotted, nargs="*" if is_list else "?", default=argparse.SUPPRESS, help=_escape(help_text)
             )
             continue
         group_name = dotted.rpartition(".")[0]
@@ -247,7 +252,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {
             "dest": dotted,
             "default": argparse.SUPPRESS,
-            "help": help_text if "default:" in help_text else f"{help_text} (default: {default!r})",
+            "help": _escape(help_text if "default:" in help_text else f"{help_text} (default: {default!r})"),
             "metavar": "VALUE" if is_list else getattr(inner, "__name__", "VALUE").upper(),
         }
         if inner is bool:

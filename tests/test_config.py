@@ -78,3 +78,16 @@ def test_bad_yaml_is_one_line(tmp_path):
         parse(["--config", str(recipe)])
     with pytest.raises(ConfigError, match="config file not found"):
         parse(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_every_stage_help_renders():
+    """Help strings with a literal % ("80% [MASK]") once made `llmk pretrain --help` crash."""
+    from llmkernel.cli import STAGES, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for stage in STAGES:
+        text = subparsers.choices[stage.name].format_help()
+        assert "--" in text
+    pretrain_help = subparsers.choices["pretrain"].format_help()
+    assert "80% [MASK]" in pretrain_help and "6% of the steps" in pretrain_help

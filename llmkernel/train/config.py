@@ -26,7 +26,7 @@ class OptimConfig:
     lr: float = option(1e-3, "peak learning rate (fine-tuning: 0 picks it from the method and model width)")
     min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak")
     warmup_steps: int = option(
-        100, "steps of linear warmup from 0 to the peak (fine-tuning: -1 is 6%% of the steps)"
+        100, "steps of linear warmup from 0 to the peak (fine-tuning: -1 is 6% of the steps)"
     )
     schedule: str = option(
         "cosine", "after warmup: cosine, linear, wsd (stable then linear decay) or constant"
