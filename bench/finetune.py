@@ -4,8 +4,9 @@ MiniLM (all-MiniLM-L6-v2) classifying SST-2: the first --rows training rows, one
 64, learning rate 1e-4 with 6% warmup and linear decay, weight decay 0.01, fp32 on CPU, then accuracy on the
 872 dev sentences. The Trainer pads each batch to its longest row (DataCollatorWithPadding, its usual
 set-up); we pad dynamically too and group rows of similar length into batches. For reference the Trainer
-is also run with its own length grouping (train_sampling_strategy='group_by_length') (key hf_trainer_grouped_samples_per_s). Samples/s count
-training time only (no evaluation or checkpoint time) on both sides; each side runs in its own process.
+is also run with its own length grouping (train_sampling_strategy='group_by_length', key
+hf_trainer_grouped_samples_per_s). Samples/s count training time only (no evaluation or checkpoint time)
+on both sides; each side runs in its own process.
 
 Each side runs --seeds seeds (0..N-1, default 3) and the figures are means, with per-seed accuracies listed:
 one run's dev accuracy on 872 sentences moves by about a point from seed to seed on either side (measured:
@@ -13,7 +14,8 @@ ours 0.838-0.857 over five seeds, the Trainer's 0.845-0.862 over four), so one s
 bar. The Trainer with length grouping runs on seed 0 only (a reference for the speed of grouping).
 
 Prints one JSON line: samples_per_s, hf_trainer_samples_per_s, ratio_vs_hf_trainer, dev_accuracy,
-hf_trainer_dev_accuracy, hf_trainer_grouped_samples_per_s, hf_trainer_grouped_dev_accuracy.
+hf_trainer_dev_accuracy, dev_accuracy_vs_hf_trainer, the per-seed accuracies, and
+hf_trainer_grouped_samples_per_s, hf_trainer_grouped_dev_accuracy.
 Usage: python bench/finetune.py [--rows 8000] [--seeds 3] [--no-grouped]
 """
 

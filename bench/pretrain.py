@@ -6,8 +6,8 @@ number of steps from the same initialisation; the first steps are warm-up and no
 included). Ours runs compiled, as `--train.compile auto` does for any run of 300 steps or more; the
 Trainer runs with its defaults (eager). For reference each side also runs the other way (our loop eager,
 the Trainer with torch_compile=True). The runs alternate so a load change on the machine hits all of
-them; each reports its best round. MFU counts 6 x (parameters - input embedding) + 12 x layers x width x context FLOPs per
-token against a measured fp32 matmul peak.
+them; each reports its best round. MFU counts 6 x (parameters - input embedding) + 12 x layers x width
+x context FLOPs per token against a measured fp32 matmul peak.
 
 Prints one JSON line: tokens_per_s, hf_trainer_tokens_per_s, ratio_vs_hf_trainer, mfu, matmul_peak_gflops,
 plus eager_tokens_per_s, eager_ratio_vs_hf_trainer, hf_trainer_compiled_tokens_per_s and

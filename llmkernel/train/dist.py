@@ -79,11 +79,13 @@ def cleanup() -> None:
 def wrap_for_training(
     module: torch.nn.Module, strategy: str, rank_info: DistInfo, compile_module: bool = False
 ) -> torch.nn.Module:
-    """`module` as the loop's forward pass runs it: compiled if asked, then DDP or FSDP across ranks.
+    """`module` as the loop's forward pass runs it: compiled if asked (eager where compiling fails), then
+    DDP or FSDP across ranks.
 
     `strategy` is TrainConfig.strategy (ddp or fsdp). One rank: the (compiled) module itself.
     """
     if compile_module:
+        torch._dynamo.config.suppress_errors = True  # a compiler failure falls back to eager, with a warning
         module = torch.compile(module)
     if rank_info.world_size == 1:
         return module

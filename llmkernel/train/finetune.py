@@ -116,9 +116,11 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
             + ", ".join(f"{n} {w:.2f}" for n, w in zip(task.names, task.class_weights.tolist()))
         )
     model.to(rank_info.device)
-    compile_module, _ = compile_decision(
+    compile_module, compile_note = compile_decision(
         config.train.compile, rank_info.device, config.train.max_steps, static_shapes=False
     )
+    if compile_module:  # asked for with --train.compile true; auto never compiles padded batches
+        dist.print0(f"training step: {compile_note}; batch lengths vary, so new ones recompile (slow on CPU)")
     train_module = dist.wrap_for_training(
         task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
     )

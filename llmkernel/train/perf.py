@@ -52,7 +52,6 @@ def compile_decision(setting: str, device: torch.device, steps: int, static_shap
         sys.platform not in ("linux", "darwin") or not any(shutil.which(c) for c in ("c++", "g++", "clang++"))
     ):
         return False, "not compiled: no C++ compiler found"
-    torch._dynamo.config.suppress_errors = True  # auto: a compiler failure falls back to eager, not a crash
     return True, compiled
 
 
