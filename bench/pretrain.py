@@ -16,7 +16,7 @@ Prints one JSON line: tokens_per_s, hf_trainer_tokens_per_s, ratio_vs_hf_trainer
 matmul_peak_gflops and matmul_peak_gflops_range (over the runs), plus eager_tokens_per_s,
 eager_ratio_vs_hf_trainer, hf_trainer_compiled_tokens_per_s, ratio_vs_hf_trainer_compiled and every
 round's figures.
-Usage: python bench/pretrain.py [--steps 60] [--data DIR]
+Usage: python bench/pretrain.py [--steps 60] [--rounds 2] [--data DIR]
 """
 
 from __future__ import annotations
