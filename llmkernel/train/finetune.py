@@ -120,7 +120,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
         config.train.compile, rank_info.device, config.train.max_steps, static_shapes=False
     )
     if compile_module:  # asked for with --train.compile true; auto never compiles padded batches
-        dist.print0(f"training step: {compile_note}; batch lengths vary, so new ones recompile (slow on CPU)")
+        dist.print0(f"training step: {compile_note}")
     train_module = dist.wrap_for_training(
         task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
     )

@@ -42,8 +42,10 @@ def compile_decision(setting: str, device: torch.device, steps: int, static_shap
     +7.5% tokens/s on 2 CPU cores (inductor fuses RMSNorm, RoPE and SwiGLU's elementwise work).
     """
     compiled = "compiled with torch.compile (the first step takes longer)"
-    if setting in ("true", "false"):
-        return (True, compiled) if setting == "true" else (False, "not compiled (--train.compile false)")
+    if setting == "true":
+        return True, compiled if static_shapes else f"{compiled}; batch shapes vary, so new ones recompile"
+    if setting == "false":
+        return False, "not compiled (--train.compile false)"
     if not static_shapes:
         return False, "not compiled: batch shapes vary"
     if steps < COMPILE_MIN_STEPS:

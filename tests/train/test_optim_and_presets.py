@@ -60,6 +60,7 @@ def test_compile_auto_only_where_it_pays():
 
     cpu = torch.device("cpu")
     assert compile_decision("true", cpu, 1, static_shapes=False)[0]
+    assert "recompile" in compile_decision("true", cpu, 1, static_shapes=False)[1]  # says why it is slow
     assert not compile_decision("false", torch.device("cuda"), 10_000, static_shapes=True)[0]
     assert not compile_decision("auto", cpu, COMPILE_MIN_STEPS - 1, static_shapes=True)[0]
     assert not compile_decision("auto", cpu, 10_000, static_shapes=False)[0]
