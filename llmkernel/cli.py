@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"key '{entry.name}' added to {args.keys_file}; it is shown only this once", file=sys.stderr
             )
         else:
-            args.stage.run(config_from_args(args.stage.config_class(), args))
+            args.stage.run(config_from_args(args.stage.config_class(), args, args.stage.name))
     except UserError as error:
         print(f"llmk {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -276,10 +276,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Resolve a config: dataclass defaults, then the `--config` YAML, then explicit CLI flags."""
+def config_from_args(cls: type[T], args: argparse.Namespace, stage: str | None = None) -> T:
+    """Resolve a config: dataclass defaults, then the `--config` YAML, then explicit CLI flags.
+
+    A multi-stage recipe (one section per stage, what `llmk run` reads) gives `stage` its own section, so
+    `llmk pretrain --config recipes/shakespeare-gpt.yaml --train.max_steps 50` runs that recipe's pretraining.
+    """
     values = vars(args)
     data = load_yaml(values["config"]) if values.get("config") else {}
+    if stage and isinstance(data.get(stage), dict) and stage not in _field_types(cls):
+        data = data[stage]
     for dotted, *_ in _walk(cls):
         if dotted in values:
             _set_dotted(data, dotted, values[dotted])

@@ -50,6 +50,21 @@ def test_yaml_then_flags_override(tmp_path):
     assert config.section.size == 3
 
 
+def test_a_multi_stage_recipe_gives_the_stage_its_section(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prepare: {out: data}\nexample: {rate: 0.1, section: {size: 2}}\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Example)
+    config = config_from_args(
+        Example, parser.parse_args(["--config", str(recipe), "--rate", "0.2"]), "example"
+    )
+    assert config.rate == 0.2 and config.section.size == 2
+    # without a section of its own, or where the stage has a field of that name, the file is read as it is
+    for stage in ("other", "section"):
+        with pytest.raises(ConfigError, match="unknown field '(example|prepare)'"):
+            config_from_args(Example, parser.parse_args(["--config", str(recipe)]), stage)
+
+
 def test_round_trip_through_dict():
     config = Example(inputs=["x"], section=Section(size=5, names=["n"]))
     assert build(Example, to_dict(config)) == config
