@@ -57,39 +57,6 @@ def compile_decision(setting: str, device: torch.device, steps: int, static_shap
     return True, compiled
 
 
-CAUSAL_SDPA = "llmk_causal_sdpa"
-
-
-def skip_causal_mask_when_compiled(model: torch.nn.Module) -> bool:
-    """Let a compiled decoder's attention use SDPA's `is_causal` instead of a materialised mask.
-
-    Eager transformers passes no mask for unpadded causal windows, but under torch.compile (torch < 2.14,
-    see transformers' `_ignore_causal_mask_sdpa`) it builds a (batch, 1, seq, seq) mask, so the attention
-    kernel reads it and cannot skip the masked blocks. Our windows are never padded, so we register the same
-    SDPA attention under our own name with a mask function that returns no mask for full-length windows
-    without padding (and transformers' own mask otherwise). Same losses; +3% tokens/s compiled on
-    bench/pretrain.py's model. Returns whether the model was switched (models on `sdpa` only).
-    """
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
-
-    def mask(*args, **kwargs):
-        unpadded_window = kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get(
-            "kv_length"
-        )
-        return None if unpadded_window and not args else sdpa_mask(*args, **kwargs)
-
-    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
-    AttentionMaskInterface.register(CAUSAL_SDPA, mask)
-    model.set_attn_implementation(CAUSAL_SDPA)
-    return True
-
-
 def configure_threads(threads: int, processes: int) -> int:
     """Use `threads` CPU threads, or the cores this process may use divided among the processes."""
     if threads <= 0:

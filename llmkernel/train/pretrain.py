@@ -20,6 +20,7 @@ from llmkernel.config import to_dict
 from llmkernel.data.loader import read_shards_manifest
 from llmkernel.data.tokenizer import load_tokenizer
 from llmkernel.errors import ConfigError, InputError
+from llmkernel.models.attention import use_causal_attention
 from llmkernel.models.loading import resolve_model
 from llmkernel.models.presets import build_model, count_parameters, flops_per_token
 from llmkernel.runs import Manifest, check_writable_parent, describe_inputs, fingerprint, read_manifest
@@ -34,7 +35,6 @@ from llmkernel.train.perf import (
     configure_threads,
     keep_freed_memory,
     matmul_peak_flops,
-    skip_causal_mask_when_compiled,
 )
 
 STAGE = "pretrain"
@@ -96,8 +96,8 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
     compile_module, compile_note = compile_decision(
         config.train.compile, rank_info.device, config.train.max_steps, config.objective == "clm"
     )
-    if compile_module:
-        skip_causal_mask_when_compiled(model)
+    if compile_module and kind == "decoder":  # a compiled run is long enough to pay the kernel's one build
+        dist.print0(f"attention: {use_causal_attention(model, cpu_kernel=rank_info.device.type == 'cpu')}")
     train_module = dist.wrap_for_training(
         task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
     )

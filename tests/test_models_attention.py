@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llmkernel.models import attention
+from llmkernel.models.attention import CAUSAL_CPU, CAUSAL_SDPA, causal_attention, use_causal_attention
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    problem = attention.load_cpu_kernel()  # built once per machine (~30 s), then cached by torch
+    assert problem is None, problem
+
+
+def projections(batch, heads, kv_heads, seq, dim, seed=0):
+    """q, k, v as attention sees them: (B, heads, T, D) views of (B, T, heads, D) projection outputs."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def view(n):
+        return torch.randn(batch, seq, n, dim, generator=generator).transpose(1, 2).requires_grad_()
+
+    return view(heads), view(kv_heads), view(kv_heads)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, seq, dim",
+    [(2, 4, 4, 256, 64), (3, 6, 2, 100, 32), (2, 3, 3, 130, 40), (1, 2, 1, 1, 16)],
+    ids=["blocks-of-64", "grouped-query", "odd-sizes", "one-token"],
+)
+def test_kernel_matches_sdpa_forward_and_backward(kernel, batch, heads, kv_heads, seq, dim):
+    q, k, v = projections(batch, heads, kv_heads, seq, dim)
+    grad = torch.randn(batch, heads, seq, dim, generator=torch.Generator().manual_seed(1))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    out, lse = causal_attention(q, k, v, dim**-0.5)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # outputs come in the projections' layout, so o_proj and the q/k/v projections need no copies
+    assert out.transpose(1, 2).is_contiguous() and grads[0].transpose(1, 2).is_contiguous()
+    scores = (q @ k.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2)) * dim**-0.5
+    scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+def tiny_decoder(seed=0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=80,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+class CountingKernel:
+    """The built kernel, counting its calls (to show the compiled model really runs it)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, {"forward": 0, "backward": 0}
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls[name] += 1
+            return getattr(self.kernel, name)(*args)
+
+        return call
+
+
+def test_compiled_decoder_trains_like_eager_sdpa_and_still_decodes(kernel, monkeypatch):
+    counting = CountingKernel(attention._kernel)
+    monkeypatch.setattr(attention, "_kernel", counting)
+    tokens = torch.randint(0, 96, (3, 71), generator=torch.Generator().manual_seed(2))
+    losses = {}
+    for name in ("eager sdpa", "compiled kernel"):
+        model = tiny_decoder()
+        step = lambda ids, m=model: m(input_ids=ids, labels=ids).loss  # noqa: E731
+        if name == "compiled kernel":
+            assert "CPU causal kernel" in use_causal_attention(model, cpu_kernel=True)
+            assert model.config._attn_implementation == CAUSAL_CPU
+            step = torch.compile(step)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses[name] = []
+        for _ in range(3):
+            loss = step(tokens)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert counting.calls == {"forward": 3 * 2, "backward": 3 * 2}  # 3 steps x 2 layers
+    assert losses["compiled kernel"] == pytest.approx(losses["eager sdpa"], rel=1e-4)
+    # decoding with a KV cache (one query against the cached keys) goes to SDPA
+    generated = model.generate(tokens[:1, :5], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 9) and counting.calls["forward"] == 3 * 2 + 2  # the prompt's pass only
+
+
+def test_other_attention_implementations_are_left_alone():
+    model = tiny_decoder()
+    model.set_attn_implementation("eager")
+    assert "not switched" in use_causal_attention(model, cpu_kernel=True)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_a_kernel_that_does_not_build_leaves_sdpa(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'llmk_causal_attention'\nc++: not found")
+
+    monkeypatch.setattr(attention, "_kernel", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    model = tiny_decoder()
+    note = use_causal_attention(model, cpu_kernel=True)
+    assert note == (
+        "SDPA, causal without a mask (the CPU attention kernel did not build: "
+        "RuntimeError: Error building extension 'llmk_causal_attention')"
+    )
+    assert model.config._attn_implementation == CAUSAL_SDPA
