@@ -25,17 +25,19 @@ def projections(batch, heads, kv_heads, seq, dim, seed=0):
     return view(heads), view(kv_heads), view(kv_heads)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-probabilities", "recomputed"])
 @pytest.mark.parametrize(
     "batch, heads, kv_heads, seq, dim",
     [(2, 4, 4, 256, 64), (3, 6, 2, 100, 32), (2, 3, 3, 130, 40), (1, 2, 1, 1, 16)],
     ids=["blocks-of-64", "grouped-query", "odd-sizes", "one-token"],
 )
-def test_kernel_matches_sdpa_forward_and_backward(kernel, batch, heads, kv_heads, seq, dim):
+def test_kernel_matches_sdpa_forward_and_backward(kernel, batch, heads, kv_heads, seq, dim, keep):
     q, k, v = projections(batch, heads, kv_heads, seq, dim)
     grad = torch.randn(batch, heads, seq, dim, generator=torch.Generator().manual_seed(1))
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
-    out, lse = causal_attention(q, k, v, dim**-0.5)
+    out, lse, kept = causal_attention(q, k, v, dim**-0.5, keep)
+    assert kept.shape[0] == (batch * heads if keep else 0)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads):
@@ -69,6 +71,9 @@ class CountingKernel:
         self.kernel, self.calls = kernel, {"forward": 0, "backward": 0}
 
     def __getattr__(self, name):
+        if name not in self.calls:
+            return getattr(self.kernel, name)
+
         def call(*args):
             self.calls[name] += 1
             return getattr(self.kernel, name)(*args)

@@ -66,24 +66,44 @@ def load_cpu_kernel() -> str | None:
     return None
 
 
-@torch.library.custom_op("llmk::causal_attention", mutates_args=())
-def causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of query (B, H, T, D) over key, value (B, KVH, T, D) in fp32 on CPU.
+KEEP_PROBABILITIES_LIMIT = 4  # keep the forward's probabilities when they take at most 4x the queries' memory
 
-    Returns the output (B, H, T, D), laid out as (B, T, H, D), and the log-sum-exp of each score row
-    (B, H, T) that the backward needs. Opaque to torch.compile, which calls it as an external kernel.
+
+def keep_probabilities(seq: int, head_dim: int) -> bool:
+    """Whether the backward should reuse the forward's probabilities rather than recompute them.
+
+    Reusing saves one of the backward's five matrix products and its exponentials (attention 72 against
+    85 ms per step on bench/pretrain.py's model) at the price of ~T^2 / 2 floats per head, so only short
+    windows keep them: T=256 with head_dim 64 does (2.5x the queries' memory), T=512 does not.
     """
     assert _kernel is not None, "load_cpu_kernel() first"
-    out, lse = _kernel.forward(query, key, value, scale)
-    return out, lse
+    return _kernel.probabilities_per_head(seq) <= KEEP_PROBABILITIES_LIMIT * seq * head_dim
+
+
+@torch.library.custom_op("llmk::causal_attention", mutates_args=())
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, keep_probabilities: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention of query (B, H, T, D) over key, value (B, KVH, T, D) in fp32 on CPU.
+
+    Returns the output (B, H, T, D), laid out as (B, T, H, D), and for the backward the log-sum-exp of
+    each score row (B, H, T) and, when keep_probabilities, the probabilities (an empty tensor if not).
+    Opaque to torch.compile, which calls it as an external kernel.
+    """
+    assert _kernel is not None, "load_cpu_kernel() first"
+    out, lse, kept = _kernel.forward(query, key, value, scale, keep_probabilities)
+    return out, lse, kept
 
 
 @causal_attention.register_fake
-def _(query, key, value, scale):
+def _(query, key, value, scale, keep_probabilities):
     batch, heads, seq, dim = query.shape
-    return query.new_empty(batch, seq, heads, dim).transpose(1, 2), query.new_empty(batch, heads, seq)
+    kept = (batch * heads if keep_probabilities else 0, _kernel.probabilities_per_head(seq))
+    return (
+        query.new_empty(batch, seq, heads, dim).transpose(1, 2),
+        query.new_empty(batch, heads, seq),
+        query.new_empty(kept),
+    )
 
 
 @torch.library.custom_op("llmk::causal_attention_backward", mutates_args=())
@@ -94,17 +114,18 @@ def causal_attention_backward(
     value: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    kept: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `causal_attention` for query, key and value, laid out (B, T, heads, D)."""
     assert _kernel is not None, "load_cpu_kernel() first"
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    grad_query, grad_key, grad_value = _kernel.backward(grad_out, query, key, value, out, lse, scale)
+    grad_query, grad_key, grad_value = _kernel.backward(grad_out, query, key, value, out, lse, kept, scale)
     return grad_query, grad_key, grad_value
 
 
 @causal_attention_backward.register_fake
-def _(grad_out, query, key, value, out, lse, scale):
+def _(grad_out, query, key, value, out, lse, kept, scale):
     def like(tensor):
         batch, heads, seq, dim = tensor.shape
         return tensor.new_empty(batch, seq, heads, dim).transpose(1, 2)
@@ -113,15 +134,14 @@ def _(grad_out, query, key, value, out, lse, scale):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse)
+    query, key, value, scale, _ = inputs
+    ctx.save_for_backward(query, key, value, *output)
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse = ctx.saved_tensors
-    return *causal_attention_backward(grad_out, query, key, value, out, lse, ctx.scale), None
+def _backward(ctx, grad_out, grad_lse, grad_kept):
+    query, key, value, out, lse, kept = ctx.saved_tensors
+    return *causal_attention_backward(grad_out, query, key, value, out, lse, kept, ctx.scale), None, None
 
 
 causal_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -157,7 +177,9 @@ def attention_forward(
             **kwargs,
         )
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    out, _ = causal_attention(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    keep = torch.is_grad_enabled() and keep_probabilities(query.shape[2], query.shape[3])
+    out, _, _ = causal_attention(query, key, value, scale, keep)
     return out.transpose(1, 2), None
 
 

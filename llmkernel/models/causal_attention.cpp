@@ -4,8 +4,9 @@
 // windows we train on (up to a few thousand tokens) a whole (batch, head) fits in a core's L2 cache, so
 // this kernel takes one (batch, head) per task and, per block of 64 query rows, computes the scores
 // against exactly the keys the block can see with one BLAS call, the softmax in place, and the output
-// with one more. Backward recomputes the probabilities from the saved log-sum-exp (no T x T tensor is
-// kept) and accumulates dK and dV per key/value head, so grouped-query attention needs no copies.
+// with one more. Backward reuses the probabilities when the forward kept them (short windows: a block
+// triangle per head, about T^2 / 2 floats) or recomputes them from the saved log-sum-exp, and accumulates
+// dK and dV per key/value head, so grouped-query attention needs no copies.
 // Inputs are read in the strides they come in: (batch, heads, seq, head_dim) views of the projections'
 // (batch, seq, heads, head_dim) outputs need no transpose copy, and outputs are written in that layout.
 #include <torch/extension.h>
@@ -122,16 +123,29 @@ at::Tensor empty_bthd(const at::Tensor& like, int64_t heads, bool zeros) {
 
 }  // namespace
 
-// q: (B, H, T, D); k, v: (B, KVH, T, D). Returns out (B, H, T, D), laid out (B, T, H, D), and the
-// log-sum-exp of every score row, (B, H, T), for the backward.
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+// Floats in one head's probability blocks: block i holds its rows x (the keys they see).
+int64_t probabilities_per_head(int64_t seq) {
+  int64_t total = 0;
+  for (int64_t first = 0; first < seq; first += kBlock) {
+    const int64_t rows = std::min(kBlock, seq - first);
+    total += rows * (first + rows);
+  }
+  return total;
+}
+
+// q: (B, H, T, D); k, v: (B, KVH, T, D). Returns out (B, H, T, D), laid out (B, T, H, D), the log-sum-exp
+// of every score row, (B, H, T), and, if keep_probabilities, every head's probability blocks
+// (B * H, probabilities_per_head(T)) for the backward (else an empty tensor).
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                bool keep_probabilities) {
   check_inputs(q, k, v);
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
-  const int64_t group = heads / k.size(1);
+  const int64_t group = heads / k.size(1), per_head = probabilities_per_head(seq);
   at::Tensor out = empty_bthd(q, heads, false);
   at::Tensor lse = at::empty({batch, heads, seq}, q.options());
+  at::Tensor kept = at::empty({keep_probabilities ? batch * heads : 0, per_head}, q.options());
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kBlock * seq);
+    std::vector<float> scratch(keep_probabilities ? 0 : kBlock * seq);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
       const float* Q = q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1);
@@ -139,35 +153,40 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const float* V = v.data_ptr<float>() + b * v.stride(0) + (h / group) * v.stride(1);
       float* O = out.data_ptr<float>() + b * out.stride(0) + h * out.stride(1);
       float* L = lse.data_ptr<float>() + task * seq;
+      float* S = keep_probabilities ? kept.data_ptr<float>() + task * per_head : scratch.data();
       for (int64_t first = 0; first < seq; first += kBlock) {
         const int64_t rows = std::min(kBlock, seq - first), keys = first + rows;  // keys this block sees
-        float* S = scores.data();
         gemm(false, true, rows, keys, dim, float(scale), Q + first * q.stride(2), q.stride(2), K, k.stride(2),
              0.f, S, keys);
         for (int64_t r = 0; r < rows; ++r) L[first + r] = softmax_row(S + r * keys, first + r + 1, keys);
         gemm(false, false, rows, dim, keys, 1.f, S, keys, V, v.stride(2), 0.f, O + first * out.stride(2),
              out.stride(2));
+        if (keep_probabilities) S += rows * keys;
       }
     }
   });
-  return {out, lse};
+  return {out, lse, kept};
 }
 
-// Gradients of `forward` for grad_out (B, H, T, D). Returns dq (B, H, T, D) and dk, dv (B, KVH, T, D),
-// laid out (batch, seq, heads, head_dim) like the projections they flow back into.
+// Gradients of `forward` for grad_out (B, H, T, D), given its out, lse and kept probabilities (empty:
+// recompute them). Returns dq (B, H, T, D) and dk, dv (B, KVH, T, D), laid out (batch, seq, heads,
+// head_dim) like the projections they flow back into.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                 double scale) {
+                                 const at::Tensor& kept, double scale) {
   check_inputs(q, k, v);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.stride(3) == 1 && out.stride(3) == 1,
               "causal_attention: grad_out and out must be (B, H, T, D) with head_dim contiguous");
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
-  const int64_t kv_heads = k.size(1), group = heads / kv_heads;
+  const int64_t kv_heads = k.size(1), group = heads / kv_heads, per_head = probabilities_per_head(seq);
+  const bool reuse = kept.numel() > 0;
+  TORCH_CHECK(!reuse || (kept.size(0) == batch * heads && kept.size(1) == per_head && kept.is_contiguous()),
+              "causal_attention: kept probabilities of the wrong shape");
   at::Tensor dq = empty_bthd(q, heads, false);
   at::Tensor dk = empty_bthd(k, kv_heads, true), dv = empty_bthd(v, kv_heads, true);  // accumulated
   // One task per (batch, key/value head): the query heads of its group add into the same dK, dV rows.
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> probs(kBlock * seq), grads(kBlock * seq), delta(kBlock);
+    std::vector<float> scratch(reuse ? 0 : kBlock * seq), grads(kBlock * seq), delta(kBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, kh = task % kv_heads;
       const float* K = k.data_ptr<float>() + b * k.stride(0) + kh * k.stride(1);
@@ -180,15 +199,22 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         const float* O = out.data_ptr<float>() + b * out.stride(0) + h * out.stride(1);
         const float* L = lse.data_ptr<float>() + (b * heads + h) * seq;
         float* dQ = dq.data_ptr<float>() + b * dq.stride(0) + h * dq.stride(1);
+        const float* kept_block = reuse ? kept.data_ptr<float>() + (b * heads + h) * per_head : nullptr;
         for (int64_t first = 0; first < seq; first += kBlock) {
           const int64_t rows = std::min(kBlock, seq - first), keys = first + rows;
           const float *Qb = Q + first * q.stride(2), *Gb = G + first * grad_out.stride(2);
-          float *P = probs.data(), *dS = grads.data();
-          gemm(false, true, rows, keys, dim, float(scale), Qb, q.stride(2), K, k.stride(2), 0.f, P, keys);
-          for (int64_t r = 0; r < rows; ++r) {
-            probabilities_row(P + r * keys, first + r + 1, keys, L[first + r]);
-            delta[r] = dot(Gb + r * grad_out.stride(2), O + (first + r) * out.stride(2), dim);
+          const float* P = kept_block;
+          if (reuse) {
+            kept_block += rows * keys;
+          } else {
+            float* recomputed = scratch.data();
+            gemm(false, true, rows, keys, dim, float(scale), Qb, q.stride(2), K, k.stride(2), 0.f, recomputed,
+                 keys);
+            for (int64_t r = 0; r < rows; ++r) probabilities_row(recomputed + r * keys, first + r + 1, keys, L[first + r]);
+            P = recomputed;
           }
+          float* dS = grads.data();
+          for (int64_t r = 0; r < rows; ++r) delta[r] = dot(Gb + r * grad_out.stride(2), O + (first + r) * out.stride(2), dim);
           gemm(true, false, keys, dim, rows, 1.f, P, keys, Gb, grad_out.stride(2), 1.f, dV, dv.stride(2));
           gemm(false, true, rows, keys, dim, 1.f, Gb, grad_out.stride(2), V, v.stride(2), 0.f, dS, keys);
           for (int64_t r = 0; r < rows; ++r)
@@ -204,6 +230,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "causal attention forward: (out, lse)");
+  m.def("forward", &forward, "causal attention forward: (out, lse, kept probabilities)");
+  m.def("probabilities_per_head", &probabilities_per_head, "floats one head's kept probabilities take");
   m.def("backward", &backward, "causal attention backward: (dq, dk, dv)");
 }
