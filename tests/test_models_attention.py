@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from llmkernel.models import attention
 from llmkernel.models.attention import CAUSAL_CPU, CAUSAL_SDPA, causal_attention, use_causal_attention
+from llmkernel.models.presets import ModelConfig, build_model
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +51,11 @@ def test_kernel_matches_sdpa_forward_and_backward(kernel, batch, heads, kv_heads
 
 
 def tiny_decoder(seed=0) -> LlamaForCausalLM:
+    """The `tiny` decoder preset (2 layers, width 64, 4 heads sharing 2 key/value heads) on SDPA."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=80,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
+    model = build_model(ModelConfig(size="tiny"), "decoder", vocab_size=96, context_length=80, special_ids={})
+    assert model.config._attn_implementation == "sdpa"
+    return model
 
 
 class CountingKernel:

@@ -10,8 +10,9 @@ does two things the stock path leaves on the table:
   mask otherwise). Same losses; +3% tokens/s compiled on bench/pretrain.py's model.
 * On CPU in fp32, our own kernel (`causal_attention.cpp`): one (batch, head) per task with its scores in
   L2 cache, instead of PyTorch's flash-attention tiles. Measured on bench/pretrain.py's model (4 layers,
-  4 heads of 64, window 256, batch 16, 2 cores): attention forward and backward 76 ms per step against
-  106 ms, the whole step 665 ms against 694-722 ms. It is built with the C++ compiler torch.compile
+  4 heads of 64, window 256, batch 16, 2 cores): attention forward and backward 72 ms per step against
+  113-116 ms, the whole compiled step 622-631 ms against 663-670 ms (separate processes; alternating
+  two models in one process hides the difference). It is built with the C++ compiler torch.compile
   already needs, once per machine (about 30 s, cached by torch under ~/.cache/torch_extensions).
 
 Anything else (padding masks, decoding with a KV cache, dropout, GPUs, bf16) goes to SDPA as before.
@@ -39,7 +40,8 @@ def load_cpu_kernel() -> str | None:
     try:
         import ninja  # torch's extension builder runs the `ninja` program; the package ships it
 
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
         from torch.utils.cpp_extension import load
 
         capability = torch.backends.cpu.get_cpu_capability()
