@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from llmkernel.models import attention
-from llmkernel.models.attention import CAUSAL_CPU, CAUSAL_SDPA, causal_attention, use_causal_attention
+from llmkernel.models.attention import (
+    CAUSAL_CPU,
+    CAUSAL_SDPA,
+    causal_attention,
+    probabilities_per_head,
+    use_causal_attention,
+)
 from llmkernel.models.presets import ModelConfig, build_model
 
 
@@ -38,7 +44,7 @@ def test_kernel_matches_sdpa_forward_and_backward(kernel, batch, heads, kv_heads
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
     out, lse, kept = causal_attention(q, k, v, dim**-0.5, keep)
-    assert kept.shape[0] == (batch * heads if keep else 0)
+    assert kept.shape == (batch * heads if keep else 0, probabilities_per_head(seq))  # as the fake op says
     grads = torch.autograd.grad(out, (q, k, v), grad)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected_grads):
@@ -86,7 +92,7 @@ def test_compiled_decoder_trains_like_eager_sdpa_and_still_decodes(kernel, monke
         if name == "compiled kernel":
             assert "CPU causal kernel" in use_causal_attention(model, cpu_kernel=True)
             assert model.config._attn_implementation == CAUSAL_CPU
-            step = torch.compile(step)
+            step = torch.compile(step, fullgraph=True)  # no graph break around the kernel
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         losses[name] = []
         for _ in range(3):

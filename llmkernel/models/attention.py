@@ -69,6 +69,15 @@ def load_cpu_kernel() -> str | None:
 
 
 KEEP_PROBABILITIES_LIMIT = 4  # keep the forward's probabilities when they take at most 4x the queries' memory
+BLOCK = 64  # query rows per block, kBlock in causal_attention.cpp
+
+
+def probabilities_per_head(seq: int) -> int:
+    """Floats one head's kept probabilities take: each block of query rows times the keys they see.
+
+    Plain Python, so torch.compile traces it (the kernel computes the same to allocate them).
+    """
+    return sum(min(BLOCK, seq - first) * (first + min(BLOCK, seq - first)) for first in range(0, seq, BLOCK))
 
 
 def keep_probabilities(seq: int, head_dim: int) -> bool:
@@ -78,8 +87,7 @@ def keep_probabilities(seq: int, head_dim: int) -> bool:
     85 ms per step on bench/pretrain.py's model) at the price of ~T^2 / 2 floats per head, so only short
     windows keep them: T=256 with head_dim 64 does (2.5x the queries' memory), T=512 does not.
     """
-    assert _kernel is not None, "load_cpu_kernel() first"
-    return _kernel.probabilities_per_head(seq) <= KEEP_PROBABILITIES_LIMIT * seq * head_dim
+    return probabilities_per_head(seq) <= KEEP_PROBABILITIES_LIMIT * seq * head_dim
 
 
 @torch.library.custom_op("llmk::causal_attention", mutates_args=())
@@ -100,7 +108,7 @@ def causal_attention(
 @causal_attention.register_fake
 def _(query, key, value, scale, keep_probabilities):
     batch, heads, seq, dim = query.shape
-    kept = (batch * heads if keep_probabilities else 0, _kernel.probabilities_per_head(seq))
+    kept = (batch * heads if keep_probabilities else 0, probabilities_per_head(seq))
     return (
         query.new_empty(batch, seq, heads, dim).transpose(1, 2),
         query.new_empty(batch, heads, seq),

@@ -123,7 +123,8 @@ at::Tensor empty_bthd(const at::Tensor& like, int64_t heads, bool zeros) {
 
 }  // namespace
 
-// Floats in one head's probability blocks: block i holds its rows x (the keys they see).
+// Floats in one head's probability blocks: block i holds its rows x (the keys they see). Mirrored by
+// probabilities_per_head in attention.py, which torch.compile traces.
 int64_t probabilities_per_head(int64_t seq) {
   int64_t total = 0;
   for (int64_t first = 0; first < seq; first += kBlock) {
@@ -231,6 +232,5 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "causal attention forward: (out, lse, kept probabilities)");
-  m.def("probabilities_per_head", &probabilities_per_head, "floats one head's kept probabilities take");
   m.def("backward", &backward, "causal attention backward: (dq, dk, dv)");
 }
