@@ -4,9 +4,9 @@ Model: Llama, width 256, 4 layers, 4 heads, context 256, batch 16, fp32 on CPU, 
 Tiny Shakespeare (prepared here with `llmk prepare` unless --data is given). Both runs train the same
 number of steps from the same initialisation; the first steps are warm-up and not timed (compilation
 included). Ours runs compiled, as `--train.compile auto` does for any run of 300 steps or more (which on
-CPU brings our causal-attention kernel); the Trainer runs with its defaults (eager, SDPA). For reference each side also runs the other way (our loop eager,
-the Trainer with torch_compile=True). The runs alternate so a load change on the machine hits all of
-them; each reports its best round. MFU counts 6 x (parameters - input embedding) + 12 x layers x width
+CPU brings our causal-attention kernel); the Trainer runs with its defaults (eager, SDPA). For reference
+each side also runs the other way (our loop eager, the Trainer with torch_compile=True). The runs
+alternate so a load change on the machine hits all of them; each reports its best round. MFU counts 6 x (parameters - input embedding) + 12 x layers x width
 x context FLOPs per token against a measured fp32 matmul peak. The peak is measured after every run and
 the highest counts: on a shared VM the machine's speed drifts by 5-10% over minutes, and the best of
 several measurements is the steadiest estimate of what it can do (a single one after a slow spell makes

@@ -174,4 +174,6 @@ def test_compiled_training_follows_the_eager_losses(bpe_data, tmp_path):
     assert "attention: llmk's fp32 CPU causal kernel" in compiled.stdout  # the kernel built and runs
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
     assert (tmp_path / "compiled" / "model.safetensors").is_file()  # saved without torch.compile's prefixes
-    assert "llmk_causal_sdpa" not in (tmp_path / "compiled" / "config.json").read_text()  # a plain HF folder
+    saved_config = (tmp_path / "compiled" / "config.json").read_text()
+    assert "llmk_causal_sdpa" not in saved_config  # a plain HF folder
+    assert "llmk_causal_cpu" not in saved_config
