@@ -61,8 +61,8 @@ def hf_trainer(rows: int, out: Path, grouped: bool, seed: int) -> dict[str, floa
         TrainingArguments,
     )
 
+    from llmkernel.io.tables import read_classification
     from llmkernel.models.loading import minilm_folder
-    from llmkernel.train.labeled_data import read_classification
 
     torch.manual_seed(seed)
     folder = minilm_folder()

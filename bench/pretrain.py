@@ -126,7 +126,7 @@ def hf_trainer(data: Path, out: Path, steps: int, compiled: bool = False) -> flo
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from llmkernel.data.loader import TokenShards
+    from llmkernel.io.shards import TokenShards
 
     shards = TokenShards(data, "train")
     seq_len, batch = SHAPE["seq_len"], SHAPE["batch_size"]
@@ -217,7 +217,7 @@ def main() -> None:
     import torch
 
     from llmkernel.models.presets import flops_per_token
-    from llmkernel.train.perf import configure_threads, matmul_peak_flops
+    from llmkernel.runtime import configure_threads, matmul_peak_flops
 
     configure_threads(0, 1)
     with tempfile.TemporaryDirectory(prefix="llmk-bench-") as tmp:

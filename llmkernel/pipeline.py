@@ -98,9 +98,9 @@ def explain_prepare(data: Path) -> None:
     """Tell a new user what `llmk prepare` wrote and show a little of each output."""
     import json
 
-    from llmkernel.data.loader import TokenShards
-    from llmkernel.data.pipeline import iter_parts
-    from llmkernel.data.tokenizer import load_tokenizer
+    from llmkernel.io.files import iter_parts
+    from llmkernel.io.shards import TokenShards
+    from llmkernel.io.tokenizers import load_tokenizer
 
     stats = json.loads((data / "stats.json").read_text())
     tokenizer = load_tokenizer(data / "tokenizer")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmkernel.config import check, option
+from llmkernel.pii import PII_TYPES
 
 FORMATS = ("auto", "txt", "jsonl", "json", "csv", "tsv", "parquet", "html")
 TXT_SPLITS = ("file", "paragraph", "line")
@@ -125,9 +126,6 @@ class DedupConfig:
         check(0.0 < self.threshold <= 1.0, "threshold", "must be in (0, 1]")
         check(16 <= self.num_perm <= 1024, "num_perm", "must be between 16 and 1024")
         check(self.shingle_size >= 1, "shingle_size", "must be >= 1")
-
-
-PII_TYPES = ("email", "phone", "ip", "credit_card", "iban", "cn_id")
 
 
 @dataclass

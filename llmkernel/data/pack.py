@@ -1,6 +1,6 @@
 """Step 6 of `llmk prepare`: tokenize the clean documents in parallel and write train/val token shards.
 
-The output is what `llmkernel.data.loader.TokenShards` memory-maps for pretraining:
+The output is what `llmkernel.io.shards.TokenShards` memory-maps for pretraining:
 
     out_dir/train/shard_00000.bin ...   flat token ids (uint16, or uint32 for vocabularies over 65,536)
     out_dir/val/shard_00000.bin ...
@@ -25,11 +25,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from llmkernel.data.config import PackConfig
-from llmkernel.data.tokenizer import document_separator_id, load_tokenizer
+from llmkernel.io.shards import FORMAT, SHARDS_FILE
+from llmkernel.io.tokenizers import document_separator_id, load_tokenizer
 from llmkernel.runs import atomic_write_json
 
-FORMAT = "llmk-shards-v1"
-SHARDS_FILE = "shards.json"
 SPLITS = ("train", "val")
 
 # Text per work item: large enough that pickling and scheduling are cheap next to tokenizing,

@@ -33,11 +33,12 @@ from llmkernel.data.dedup import Deduplicator, MinHasher, exact_key
 from llmkernel.data.executor import make_executor
 from llmkernel.data.filters import QualityFilter
 from llmkernel.data.pack import pack_documents
-from llmkernel.data.pii import PiiDetector
 from llmkernel.data.readers import Document, builtin_fingerprint, read_documents, resolve_inputs
 from llmkernel.data.report import PrepareStats, summary
 from llmkernel.data.tokenizer import reuse_tokenizer, train_tokenizer
 from llmkernel.errors import InputError
+from llmkernel.io.files import iter_parts
+from llmkernel.pii import PiiDetector
 from llmkernel.runs import (
     Manifest,
     describe_inputs,
@@ -182,14 +183,6 @@ class PartWriter:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
-
-
-def iter_parts(folder: Path) -> Iterator[dict[str, Any]]:
-    """The records of a clean/ or excluded/ folder, in order."""
-    for part in sorted(folder.glob("part-*.jsonl.gz")):
-        with gzip.open(part, "rt", encoding="utf-8") as handle:
-            for line in handle:
-                yield json.loads(line)
 
 
 # ---------------------------------------------------------------------------------------- driver

@@ -14,17 +14,17 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
-import gzip
 import io
 import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from llmkernel.data.config import InputSpec
 from llmkernel.errors import InputError
+from llmkernel.io.files import open_binary, split_compression
 
 BUILTIN_DEMO = "builtin:python-docs"
 TEXT_FIELDS = ("text", "content", "sentence", "body", "document", "html")  # auto-detection order
@@ -40,7 +40,6 @@ EXTENSIONS = {
     ".html": "html",
     ".htm": "html",
 }
-COMPRESSIONS = (".gz", ".zst")
 MAX_REPORTED_LINES = 5
 
 
@@ -99,14 +98,6 @@ def _decode(data: bytes, stats: ReadStats) -> str:
 # ---------------------------------------------------------------------------------------- resolving
 
 
-def split_compression(path: Path) -> tuple[str, str | None]:
-    """('.jsonl', '.gz') for 'x.jsonl.gz'; ('.txt', None) for 'x.txt'."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in COMPRESSIONS:
-        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
-    return (suffixes[-1] if suffixes else ""), None
-
-
 def format_of(spec: InputSpec, path: Path) -> str:
     if spec.format != "auto":
         return spec.format
@@ -158,22 +149,8 @@ def _known(spec: InputSpec, path: Path) -> bool:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    _, compression = split_compression(path)
-    try:
-        if compression == ".gz":
-            return gzip.open(path, "rb")
-        if compression == ".zst":
-            import zstandard
-
-            return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return open(path, "rb")
-    except OSError as error:
-        raise InputError(f"{path}: cannot open ({error.strerror or error})") from None
-
-
 def _read_all(path: Path, stats: ReadStats) -> str:
-    with _open_binary(path) as handle:
+    with open_binary(path) as handle:
         try:
             data = handle.read()
         except (OSError, EOFError) as error:
@@ -184,7 +161,7 @@ def _read_all(path: Path, stats: ReadStats) -> str:
 
 def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
     """(1-based line number, decoded line) without holding the file in memory."""
-    with _open_binary(path) as raw:
+    with open_binary(path) as raw:
         reader = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
         try:
             for number, line in enumerate(reader, start=1):

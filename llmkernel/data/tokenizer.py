@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from llmkernel.data.config import TokenizerConfig
 from llmkernel.errors import InputError
+from llmkernel.io.tokenizers import load_tokenizer
 
 if TYPE_CHECKING:  # transformers imports torch (~2 s): only the functions that need it import it
     from transformers import PreTrainedTokenizerFast
@@ -44,8 +45,6 @@ CHATML_TEMPLATE = (
 
 # Texts longer than this many characters are fed to the trainer in pieces so memory stays bounded.
 TRAIN_CHUNK_CHARS = 1_000_000
-
-EXPECTED_FILES = "tokenizer.json and tokenizer_config.json (or a vocab.txt / vocab.json + merges.txt)"
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, out_dir: Path) -> PreTrainedTokenizerFast:
@@ -156,27 +155,6 @@ def _split_at_newlines(text: str, size: int) -> Iterator[str]:
         yield text[start:]
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load the fast tokenizer saved in folder `path`; InputError when there is none."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"tokenizer folder {path} does not exist: pass a folder that holds {EXPECTED_FILES}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as error:  # transformers raises OSError, ValueError, KeyError... for unusable folders
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputError(
-            f"no loadable tokenizer in {path} ({reason}): the folder needs {EXPECTED_FILES}"
-        ) from None
-    if not tokenizer.is_fast:
-        raise InputError(
-            f"the tokenizer in {path} has no fast (Rust) version: the folder needs {EXPECTED_FILES}"
-        )
-    return tokenizer
-
-
 def reuse_tokenizer(model_dir: str | Path, out_dir: Path) -> PreTrainedTokenizerFast:
     """Copy the tokenizer of a model into `out_dir` (as tokenizer.json and config).
 
@@ -189,18 +167,3 @@ def reuse_tokenizer(model_dir: str | Path, out_dir: Path) -> PreTrainedTokenizer
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
-
-
-def document_separator_id(tokenizer: PreTrainedTokenizerFast) -> int:
-    """The token written between documents: eos for decoders, [SEP] for WordPiece encoders."""
-    if isinstance(tokenizer.backend_tokenizer.model, models.WordPiece):
-        candidates = (tokenizer.sep_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    else:
-        candidates = (tokenizer.eos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
-    for token_id in candidates:
-        if token_id is not None:
-            return token_id
-    raise InputError(
-        f"tokenizer {tokenizer.name_or_path} has no eos, sep or pad token to separate documents: "
-        "use one that defines an eos token"
-    )

@@ -25,11 +25,15 @@ import torch.nn.functional as F
 from llmkernel.config import check, option
 from llmkernel.errors import InputError, first_line
 from llmkernel.eval.attacks import ATTACKS, hotflip, perturb_text, perturb_words
-from llmkernel.eval.report import save_report
+from llmkernel.io.chat import read_chat
+from llmkernel.io.conll import read_conll
+from llmkernel.io.tables import read_classification
 from llmkernel.models.loading import quiet_transformers, resolve_model
-from llmkernel.train import labeled_data
-from llmkernel.train.perf import configure_threads
-from llmkernel.train.tasks import IGNORE, Classify, SupervisedTask, TokenClassify
+from llmkernel.runtime import configure_threads
+from llmkernel.tasks.base import IGNORE, SupervisedTask
+from llmkernel.tasks.classify import Classify
+from llmkernel.tasks.ner import TokenClassify
+from llmkernel.tasks.report import save_report
 
 EVAL_TASKS = ("auto", "classify", "ner", "lm", "sft")
 
@@ -85,10 +89,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             config.out, "lm", text_metrics(model, tokenizer, config.data, max_length), extra=extra
         )
     if task_name == "sft":
+        from llmkernel.tasks.sft import ChatSFT
         from llmkernel.train.finetune import sft_samples
-        from llmkernel.train.sft import ChatSFT
 
-        conversations = labeled_data.read_chat(config.data)[: config.limit or None]
+        conversations = read_chat(config.data)[: config.limit or None]
         task = ChatSFT(tokenizer, max_length, config.batch_size)
         task.eval, task.eval_conversations = task.encode(conversations, pack=False), conversations
         report = task.report(model, device)
@@ -166,7 +170,7 @@ def build_eval_task(config: EvaluateConfig, task_name: str, model, tokenizer, ma
     rate, seed, kind = config.attack_rate, config.seed, config.attack
     text_attack = kind not in ("none", "hotflip")
     if task_name == "classify":
-        data = labeled_data.read_classification(
+        data = read_classification(
             config.data, config.text_column, config.pair_column, config.label_column, limit=config.limit
         )
         unknown = sorted(set(data.labels) - set(names))
@@ -181,7 +185,7 @@ def build_eval_task(config: EvaluateConfig, task_name: str, model, tokenizer, ma
             texts = [perturb_text(t, kind, rate, seed * 1_000_003 + i) for i, t in enumerate(data.texts)]
             perturbed = task.encode(replace(data, texts=texts))
         return task, task.encode(data), perturbed
-    sentences = labeled_data.read_conll(config.data)[: config.limit or None]
+    sentences = read_conll(config.data)[: config.limit or None]
     unknown = sorted({t for s in sentences for t in s.tags} - set(names))
     if unknown:
         raise InputError(f"tags in {config.data} unknown to the model: {', '.join(unknown[:5])}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmkernel.config import check, option
-from llmkernel.data.config import PII_TYPES
+from llmkernel.pii import PII_TYPES
 
 PII_MASK_MODES = ("none", "inputs", "outputs", "both")
 

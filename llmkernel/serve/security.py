@@ -29,8 +29,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from llmkernel.data.pii import PLACEHOLDERS, PiiDetector
 from llmkernel.errors import InputError, UserError
+from llmkernel.pii import PLACEHOLDERS, PiiDetector
 from llmkernel.runs import atomic_write_json
 from llmkernel.serve.schemas import ApiError
 

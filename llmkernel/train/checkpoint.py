@@ -24,9 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from llmkernel import dist
 from llmkernel.errors import ConfigError
 from llmkernel.runs import atomic_write_json, is_up_to_date, staging_folder
-from llmkernel.train import dist
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"

@@ -24,9 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmkernel import dist
 from llmkernel.config import to_dict
 from llmkernel.errors import ConfigError, InputError, first_line
-from llmkernel.eval.report import save_report
+from llmkernel.io.chat import read_chat
+from llmkernel.io.conll import read_conll, tag_names
+from llmkernel.io.tables import ClassificationData, label_names, read_classification
 from llmkernel.models.loading import quiet_transformers, resolve_model
 from llmkernel.runs import (
     Manifest,
@@ -36,9 +39,15 @@ from llmkernel.runs import (
     read_manifest,
     staging_folder,
 )
-from llmkernel.train import dist, labeled_data
+from llmkernel.runtime import configure_threads, keep_freed_memory
+from llmkernel.tasks.base import SupervisedTask
+from llmkernel.tasks.classify import Classify
+from llmkernel.tasks.ner import TokenClassify
+from llmkernel.tasks.report import save_report
+from llmkernel.tasks.sft import ChatSFT
 from llmkernel.train.adversarial import Adversary
 from llmkernel.train.checkpoint import load_checkpoint, open_output
+from llmkernel.train.compile import compile_decision
 from llmkernel.train.config import RUN_ONLY_FIELDS, FinetuneConfig
 from llmkernel.train.loop import plain_backward, train
 from llmkernel.train.methods import (
@@ -49,9 +58,7 @@ from llmkernel.train.methods import (
     trainable_share,
 )
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.perf import compile_decision, configure_threads, keep_freed_memory
-from llmkernel.train.sft import ChatSFT
-from llmkernel.train.tasks import Classify, SupervisedTask, TokenClassify
+from llmkernel.train.parallel import wrap_for_training
 
 STAGE = "finetune"
 TARGET_STEPS = 800  # default epochs aim at about this many optimizer steps (at least 1, at most 10 epochs)
@@ -121,7 +128,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     )
     if compile_module:  # asked for with --train.compile true; auto never compiles padded batches
         dist.print0(f"training step: {compile_note}")
-    train_module = dist.wrap_for_training(
+    train_module = wrap_for_training(
         task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
     )
     optimizer = build_optimizer(model, config.optim)
@@ -226,13 +233,13 @@ def build_task(config: FinetuneConfig, tokenizer, model_config) -> SupervisedTas
         return config.train.seq_len or default_max_length(lengths, config.task, model_config, data.train)
 
     if config.task == "classify":
-        train = labeled_data.read_classification(
+        train = read_classification(
             data.train, data.text_column, data.pair_column, data.label_column, limit=data.limit
         )
         columns = (train.text_column, train.pair_column, train.label_column)
-        evaluation = labeled_data.read_classification(data.eval, *columns) if data.eval else None
+        evaluation = read_classification(data.eval, *columns) if data.eval else None
         train, evaluation = _split(train, evaluation, data.eval_fraction, seed)
-        labels = labeled_data.label_names(train.labels, evaluation.labels, data.eval or data.train)
+        labels = label_names(train.labels, evaluation.labels, data.eval or data.train)
         if len(labels) < 2:
             raise InputError(
                 f"{data.train}: only one label ({labels[0]!r}); classification needs two or more"
@@ -246,10 +253,10 @@ def build_task(config: FinetuneConfig, tokenizer, model_config) -> SupervisedTas
         task.set_train(task.encode(train))
         task.eval = task.encode(evaluation)
     elif config.task == "ner":
-        train = labeled_data.read_conll(data.train)[: data.limit or None]
-        evaluation = labeled_data.read_conll(data.eval) if data.eval else None
+        train = read_conll(data.train)[: data.limit or None]
+        evaluation = read_conll(data.eval) if data.eval else None
         train, evaluation = _split(train, evaluation, data.eval_fraction, seed)
-        tags = labeled_data.tag_names(train)
+        tags = tag_names(train)
         unknown = sorted({t for s in evaluation for t in s.tags} - set(tags))
         if unknown:
             raise InputError(
@@ -265,8 +272,8 @@ def build_task(config: FinetuneConfig, tokenizer, model_config) -> SupervisedTas
         task.set_train(task.encode(train))
         task.eval, task.eval_sentences = task.encode(evaluation), evaluation
     else:
-        train = labeled_data.read_chat(data.train)[: data.limit or None]
-        evaluation = labeled_data.read_chat(data.eval) if data.eval else None
+        train = read_chat(data.train)[: data.limit or None]
+        evaluation = read_chat(data.eval) if data.eval else None
         train, evaluation = _split(train, evaluation, data.eval_fraction, seed)
         task = ChatSFT(tokenizer, 0, batch, seed, packing=data.packing)
         task.max_length = max_length(
@@ -284,7 +291,7 @@ def _split(train, evaluation, fraction: float, seed: int):
     """(train, evaluation): the given eval set, or a seeded `fraction` of train held out."""
     if evaluation is not None:
         return train, evaluation
-    if isinstance(train, labeled_data.ClassificationData):
+    if isinstance(train, ClassificationData):
         order = np.random.default_rng(seed).permutation(len(train.texts))
         cut = max(1, int(len(order) * fraction))
 

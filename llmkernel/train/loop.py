@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from llmkernel.train import dist
+from llmkernel import dist
 from llmkernel.train.checkpoint import save_checkpoint
 from llmkernel.train.config import TrainConfig
 from llmkernel.train.logger import TrainLogger
@@ -259,7 +259,7 @@ def train(
     """`run_loop` with what every training stage puts around it: SIGINT/SIGTERM caught (a checkpoint, then
     a clean return), the logger (progress bar, metrics.jsonl, TensorBoard), autocast chosen for the device.
     After a signal it says how to continue."""
-    from llmkernel.train.perf import autocast_dtype_for
+    from llmkernel.runtime import autocast_dtype_for
 
     stop = StopFlag()
     stop.install()

@@ -16,26 +16,24 @@ from typing import Any
 
 import torch
 
+from llmkernel import dist
 from llmkernel.config import to_dict
-from llmkernel.data.loader import read_shards_manifest
-from llmkernel.data.tokenizer import load_tokenizer
 from llmkernel.errors import ConfigError, InputError
+from llmkernel.io.shards import read_shards_manifest
+from llmkernel.io.tokenizers import load_tokenizer
 from llmkernel.models.attention import use_causal_attention
 from llmkernel.models.loading import resolve_model
 from llmkernel.models.presets import build_model, count_parameters, flops_per_token
 from llmkernel.runs import Manifest, check_writable_parent, describe_inputs, fingerprint, read_manifest
-from llmkernel.train import dist
+from llmkernel.runtime import configure_threads, keep_freed_memory, matmul_peak_flops
+from llmkernel.tasks.clm import CausalLM
+from llmkernel.tasks.mlm import MaskedLM
 from llmkernel.train.checkpoint import load_checkpoint, open_output
+from llmkernel.train.compile import compile_decision
 from llmkernel.train.config import RUN_ONLY_FIELDS, PretrainConfig
 from llmkernel.train.loop import train
-from llmkernel.train.objectives import CausalLM, MaskedLM
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.perf import (
-    compile_decision,
-    configure_threads,
-    keep_freed_memory,
-    matmul_peak_flops,
-)
+from llmkernel.train.parallel import wrap_for_training
 
 STAGE = "pretrain"
 
@@ -98,7 +96,7 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
     )
     if compile_module and kind == "decoder":  # a compiled run is long enough to pay the kernel's one build
         dist.print0(f"attention: {use_causal_attention(model, cpu_kernel=rank_info.device.type == 'cpu')}")
-    train_module = dist.wrap_for_training(
+    train_module = wrap_for_training(
         task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
     )
     dist.print0(f"training step: {compile_note}")

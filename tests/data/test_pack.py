@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 from llmkernel.data import pack as pack_module
 from llmkernel.data.config import PackConfig, TokenizerConfig
 from llmkernel.data.executor import InlineExecutor, LocalExecutor
-from llmkernel.data.loader import TokenShards
 from llmkernel.data.pack import _pieces, pack_documents, token_dtype, val_indices
 from llmkernel.data.tokenizer import reuse_tokenizer, train_tokenizer
+from llmkernel.io.shards import TokenShards
 
 WORDS = "apple river 山 cloud 😀 stone\tlight over under 水 quickly λόγος".split(" ")
 

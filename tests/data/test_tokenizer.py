@@ -8,15 +8,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from llmkernel.data.config import TokenizerConfig
-from llmkernel.data.tokenizer import (
-    _split_at_newlines,
-    _training_chunks,
-    document_separator_id,
-    load_tokenizer,
-    reuse_tokenizer,
-    train_tokenizer,
-)
+from llmkernel.data.tokenizer import _split_at_newlines, _training_chunks, reuse_tokenizer, train_tokenizer
 from llmkernel.errors import InputError
+from llmkernel.io.tokenizers import document_separator_id, load_tokenizer
 
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times.\n"

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from llmkernel.io.tables import ClassificationData
+from llmkernel.tasks.classify import Classify
 from llmkernel.train.adversarial import Adversary, EmbeddingPerturbation, _normalised, _project
-from llmkernel.train.labeled_data import ClassificationData
 from llmkernel.train.loop import plain_backward
 from llmkernel.train.methods import apply_lora, freeze_all_but_top_layers
-from llmkernel.train.tasks import Classify
 
 TEXTS = ["hello world", "alice lives in paris", "call me in berlin, bob!"]  # varied lengths: padding
 LABELS = ["positive", "negative", "positive"]

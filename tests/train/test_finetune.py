@@ -224,7 +224,7 @@ def test_resume_continues_exactly(bert_dir, classify_files, tmp_path):
 
 
 def test_best_model_keeps_the_best_and_stops_after_patience(tmp_path):
-    from llmkernel.train.dist import init
+    from llmkernel.dist import init
 
     model = torch.nn.Linear(2, 2)
     best = BestModel(tmp_path / "best", "accuracy", False, 2, model, init())

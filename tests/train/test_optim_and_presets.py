@@ -56,7 +56,7 @@ def test_config_validation_names_the_flag():
 
 
 def test_compile_auto_only_where_it_pays():
-    from llmkernel.train.perf import COMPILE_MIN_STEPS, compile_decision
+    from llmkernel.train.compile import COMPILE_MIN_STEPS, compile_decision
 
     cpu = torch.device("cpu")
     assert compile_decision("true", cpu, 1, static_shapes=False)[0]

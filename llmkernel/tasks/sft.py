@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkernel.errors import InputError
-from llmkernel.train.tasks import IGNORE, SupervisedTask
+from llmkernel.tasks.base import IGNORE, SupervisedTask
 
 # Used for tokenizers without a chat template (e.g. a decoder we pretrained): ChatML, as SmolLM2 uses.
 CHATML_TEMPLATE = (

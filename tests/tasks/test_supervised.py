@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from llmkernel.errors import InputError
-from llmkernel.train.labeled_data import ClassificationData, TaggedSentence
-from llmkernel.train.sft import ChatSFT, SelectedPositionsLM
-from llmkernel.train.tasks import IGNORE, Classify, LengthGroupedBatches, TokenClassify, pad
+from llmkernel.io.conll import TaggedSentence
+from llmkernel.io.tables import ClassificationData
+from llmkernel.tasks.base import IGNORE, LengthGroupedBatches, pad
+from llmkernel.tasks.classify import Classify
+from llmkernel.tasks.ner import TokenClassify
+from llmkernel.tasks.sft import ChatSFT, SelectedPositionsLM
 from tests.tiny_models import NER_LABELS
 
 TEXTS = ["hello world", "alice lives in paris", "bob", "call me in berlin, bob!", "the world"]

@@ -1,4 +1,4 @@
-"""Tests for llmkernel.data.pii: what each PII type matches and what it must leave alone."""
+"""Tests for llmkernel.pii: what each PII type matches and what it must leave alone."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from collections import Counter
 
 import pytest
 
-from llmkernel.data.config import PII_TYPES
-from llmkernel.data.pii import PLACEHOLDERS, PiiDetector, PiiSpan
+from llmkernel.pii import PII_TYPES, PLACEHOLDERS, PiiDetector, PiiSpan
 
 DETECTOR = PiiDetector()
 

@@ -1,9 +1,8 @@
-"""Classification metrics: accuracy, precision/recall/F1 per class and averaged, the confusion matrix.
+"""Reports: eval.json, the printed tables and the confusion-matrix plot, one writer for `llmk finetune`
+and `llmk evaluate`. Each task formats its own table; the row and matrix formatters are shared here.
 
-Definitions follow scikit-learn's `precision_recall_fscore_support` called with every label listed
-(`labels=range(len(labels))`) and `zero_division=0`: a class that is never predicted has precision 0.0, a
-class with no true examples has recall 0.0, and every listed label counts in the macro average, even one
-that never occurs. With one label per example, micro F1 equals accuracy.
+eval.json holds the task, the clean metrics at the top level and, under `attack`, the attack's settings and
+the same report on the perturbed inputs, so clean and attacked numbers sit side by side.
 """
 
 from __future__ import annotations
@@ -15,97 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from llmkernel.errors import InputError
-from llmkernel.runs import atomic_write_bytes
+from llmkernel.runs import atomic_write_bytes, atomic_write_json
+from llmkernel.tasks.metrics import safe_divide
 
 LABEL_WIDTH = 12  # label names longer than this are cut in printed tables
-
-
-def _check_ids(ids: np.ndarray, name: str, num_labels: int) -> None:
-    if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
-        bad = int(ids[(ids < 0) | (ids >= num_labels)][0])
-        raise InputError(
-            f"label id {bad} in {name} is outside 0..{num_labels - 1} ({num_labels} labels); "
-            "make the label list match the ids the data and the model use"
-        )
-
-
-def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Elementwise numerator / denominator, 0.0 where the denominator is 0 (sklearn's zero_division=0)."""
-    out = np.zeros_like(numerator, dtype=np.float64)
-    np.divide(numerator, denominator, out=out, where=denominator > 0)
-    return out
-
-
-def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
-    """Accuracy, per-class and averaged precision/recall/F1, and the confusion matrix, as plain JSON types.
-
-    Args:
-        y_true: the true label id of each example; ids index into `labels`.
-        y_pred: the predicted label id of each example.
-        labels: the label names, one per id.
-
-    Returns:
-        {"accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision", "macro_recall",
-        "num_examples", "labels", "per_class": {label: {"precision", "recall", "f1", "support"}},
-        "confusion_matrix": rows = true label, columns = predicted label}.
-
-    Raises:
-        InputError: `y_true` and `y_pred` differ in length, `labels` is empty, or an id is out of range.
-    """
-    labels = [str(label) for label in labels]
-    if not labels:
-        raise InputError("the label list is empty; pass the class names, one per label id")
-    if len(y_true) != len(y_pred):
-        raise InputError(
-            f"{len(y_true)} true labels but {len(y_pred)} predictions; evaluate one prediction per example"
-        )
-    num_labels = len(labels)
-    true = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
-    _check_ids(true, "y_true", num_labels)
-    _check_ids(pred, "y_pred", num_labels)
-
-    # confusion[t, p] = examples of true class t predicted as p; bincount over the flattened pair index
-    confusion = np.bincount(true * num_labels + pred, minlength=num_labels * num_labels)
-    confusion = confusion.reshape(num_labels, num_labels)
-    true_positives = np.diag(confusion).astype(np.float64)
-    predicted = confusion.sum(axis=0).astype(np.float64)  # column sums: examples predicted as each class
-    support = confusion.sum(axis=1)  # row sums: true examples of each class
-
-    precision = _divide(true_positives, predicted)
-    recall = _divide(true_positives, support.astype(np.float64))
-    # 2tp / (2tp + fp + fn), the form sklearn uses; equal to the harmonic mean where both are defined
-    f1 = _divide(2 * true_positives, predicted + support)
-
-    num_examples = int(true.size)
-    correct = float(true_positives.sum())
-    accuracy = correct / num_examples if num_examples else 0.0
-    # micro F1 = 2 * sum(tp) / (sum(predicted) + sum(support)) = accuracy when every prediction is a label
-    micro_denominator = predicted.sum() + support.sum()
-    micro_f1 = float(2 * correct / micro_denominator) if micro_denominator else 0.0
-    weighted_f1 = float((f1 * support).sum() / support.sum()) if support.sum() else 0.0
-
-    return {
-        "accuracy": accuracy,
-        "macro_f1": float(f1.mean()),
-        "micro_f1": micro_f1,
-        "weighted_f1": weighted_f1,
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "num_examples": num_examples,
-        "labels": labels,
-        "per_class": {
-            label: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, label in enumerate(labels)
-        },
-        "confusion_matrix": confusion.astype(int).tolist(),
-    }
 
 
 def _short(name: str, width: int = LABEL_WIDTH) -> str:
@@ -159,6 +71,29 @@ def format_classification_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_entity_report(report: dict[str, Any]) -> str:
+    """A seqeval-style table: one row per entity type, then the micro and macro averages."""
+    per_type = report["per_type"]
+    width = max(len("micro avg"), *(len(name) for name in per_type)) if per_type else len("micro avg")
+    total = sum(stats["support"] for stats in per_type.values())
+
+    def row(name: str, precision: float | str, recall: float | str, f1: float, support: int) -> str:
+        cells = [
+            f"{value:>9.4f}" if isinstance(value, float) else f"{value:>9}" for value in (precision, recall)
+        ]
+        return f"{name:>{width}}  {cells[0]}  {cells[1]}  {f1:>9.4f}  {support:>9}"
+
+    lines = [f"{'':>{width}}  {'precision':>9}  {'recall':>9}  {'f1-score':>9}  {'support':>9}", ""]
+    for name, stats in per_type.items():
+        lines.append(row(name, stats["precision"], stats["recall"], stats["f1"], stats["support"]))
+    lines.append("")
+    lines.append(row("micro avg", report["precision"], report["recall"], report["f1"], total))
+    lines.append(row("macro avg", "", "", report["macro_f1"], total))
+    lines.append("")
+    lines.append(f"token accuracy {report['token_accuracy']:.4f} over {report['num_sentences']} sentences")
+    return "\n".join(lines)
+
+
 def plot_confusion_matrix(
     matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = ""
 ) -> Path:
@@ -185,7 +120,9 @@ def plot_confusion_matrix(
     if counts.shape != (num_labels, num_labels):
         raise ValueError(f"confusion matrix of shape {counts.shape} does not match {num_labels} labels")
     row_totals = counts.sum(axis=1, keepdims=True)
-    shares = _divide(counts.astype(np.float64), np.broadcast_to(row_totals, counts.shape).astype(np.float64))
+    shares = safe_divide(
+        counts.astype(np.float64), np.broadcast_to(row_totals, counts.shape).astype(np.float64)
+    )
 
     # ~0.6 inch per label, between 4 and 20 inches; the font shrinks as cells get smaller
     side = min(20.0, max(4.0, 1.5 + 0.6 * num_labels))
@@ -221,3 +158,73 @@ def plot_confusion_matrix(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())  # temp file in the same folder, then os.replace
     return path
+
+
+HEADLINE = {
+    "classify": ("accuracy", "macro_f1", "weighted_f1"),
+    "ner": ("f1", "precision", "recall", "token_accuracy"),
+    "lm": ("loss", "perplexity", "bits_per_byte"),
+    "sft": ("loss", "perplexity"),
+}
+
+
+def format_report(task: str, report: dict[str, Any]) -> str:
+    """The task's printed table."""
+    if task == "classify":
+        return format_classification_report(report)
+    if task == "ner":
+        return format_entity_report(report)
+    lines = [f"{name:>14}  {report[name]:.4f}" for name in HEADLINE[task] if name in report]
+    for sample in report.get("samples", []):
+        lines.append(f"\nprompt:    {sample['prompt'][:200]!r}\nreference: {sample['reference'][:200]!r}")
+        lines.append(f"reply:     {sample['reply'][:200]!r}")
+    return "\n".join(lines)
+
+
+def format_comparison(
+    task: str, clean: dict[str, Any], attacked: dict[str, Any], attack: dict[str, Any]
+) -> str:
+    """Clean and attacked headline metrics side by side."""
+    title = f"{attack['kind']} attack, rate {attack['rate']:g}, seed {attack['seed']}"
+    lines = [f"{'metric':>14}  {'clean':>8}  {'attacked':>8}  {'change':>8}   ({title})"]
+    for name in HEADLINE[task]:
+        if name in clean and name in attacked:
+            change = attacked[name] - clean[name]
+            lines.append(f"{name:>14}  {clean[name]:8.4f}  {attacked[name]:8.4f}  {change:+8.4f}")
+    return "\n".join(lines)
+
+
+def save_report(
+    out: str | Path,
+    task: str,
+    report: dict[str, Any],
+    title: str = "",
+    attacked: dict[str, Any] | None = None,
+    attack: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Write eval.json (and confusion_matrix.png for classification) into `out`, print the tables."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {"task": task, **(extra or {}), **report}
+    if attacked is not None and attack is not None:
+        document["attack"] = {**attack, **attacked}
+    if task == "classify":
+        plot_confusion_matrix(
+            report["confusion_matrix"], report["labels"], out / "confusion_matrix.png", title
+        )
+        if attacked is not None:
+            plot_confusion_matrix(
+                attacked["confusion_matrix"],
+                attacked["labels"],
+                out / "confusion_matrix_attacked.png",
+                f"{title} ({attack['kind']} attack)",
+            )
+    atomic_write_json(out / "eval.json", document)
+    if echo:
+        print(format_report(task, report))
+        if attacked is not None and attack is not None:
+            print()
+            print(format_comparison(task, report, attacked, attack))
+    return document

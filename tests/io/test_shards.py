@@ -1,4 +1,4 @@
-"""Memory-mapped token shards as pretraining batches (llmkernel.data.loader)."""
+"""Memory-mapped token shards as pretraining batches (llmkernel.io.shards)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmkernel.data.loader import TokenShards
 from llmkernel.errors import InputError
+from llmkernel.io.shards import TokenShards
 
 
 def write_shards(

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkernel.data.pack import FORMAT, SHARDS_FILE
 from llmkernel.errors import InputError
+
+FORMAT = "llmk-shards-v1"  # the `format` of shards.json
+SHARDS_FILE = "shards.json"
 
 # Tokens read per step when scanning a split for documents: bounds memory, keeps numpy vectorised.
 _SCAN_TOKENS = 1 << 20

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmkernel.eval.entities import entity_report, extract_entities, format_entity_report
+from llmkernel.tasks.metrics import entity_report, extract_entities
+from llmkernel.tasks.report import format_entity_report
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,8 @@ import json
 import pytest
 
 from llmkernel.errors import InputError
-from llmkernel.eval.classification import (
-    classification_report,
-    format_classification_report,
-    plot_confusion_matrix,
-)
+from llmkernel.tasks.metrics import classification_report
+from llmkernel.tasks.report import format_classification_report, plot_confusion_matrix
 
 LABELS = ["neg", "neu", "pos"]
 # confusion (rows true, columns predicted):

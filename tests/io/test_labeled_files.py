@@ -11,16 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmkernel.errors import InputError
-from llmkernel.train.labeled_data import (
-    ClassificationData,
-    TaggedSentence,
-    label_names,
-    read_chat,
-    read_classification,
-    read_conll,
-    read_table,
-    tag_names,
-)
+from llmkernel.io.chat import read_chat
+from llmkernel.io.conll import TaggedSentence, read_conll, tag_names
+from llmkernel.io.tables import ClassificationData, label_names, read_classification, read_table
 
 
 def write(path: Path, text: str) -> Path:

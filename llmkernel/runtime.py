@@ -1,11 +1,10 @@
-"""Hardware settings and measurements for training: CPU threads, precision, and the fp32 matmul peak."""
+"""The runtime every stage shares: CPU threads, the device, autocast precision, freed-memory reuse and the
+measured fp32 matmul peak (MFU's denominator)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import sys
 import time
 
 import torch
@@ -28,33 +27,6 @@ def keep_freed_memory() -> bool:
         )
     except (OSError, AttributeError):
         return False
-
-
-COMPILE_MIN_STEPS = 300  # compiling costs ~30 s on 2 CPU cores; it pays off past a few hundred steps
-
-
-def compile_decision(setting: str, device: torch.device, steps: int, static_shapes: bool) -> tuple[bool, str]:
-    """Whether to torch.compile the training module, and why (for the run's first line).
-
-    `auto` compiles where it pays: fixed batch shapes (pretraining windows; fine-tuning's padded batches
-    change shape every step and would recompile), at least COMPILE_MIN_STEPS steps, and a GPU or a CPU
-    with the C++ compiler inductor needs. Measured here on the 4 x 256 Llama of bench/pretrain.py:
-    +7.5% tokens/s on 2 CPU cores (inductor fuses RMSNorm, RoPE and SwiGLU's elementwise work).
-    """
-    compiled = "compiled with torch.compile (the first step takes longer)"
-    if setting == "true":
-        return True, compiled if static_shapes else f"{compiled}; batch shapes vary, so new ones recompile"
-    if setting == "false":
-        return False, "not compiled (--train.compile false)"
-    if not static_shapes:
-        return False, "not compiled: batch shapes vary"
-    if steps < COMPILE_MIN_STEPS:
-        return False, f"not compiled: under {COMPILE_MIN_STEPS} steps"
-    if device.type == "cpu" and (
-        sys.platform not in ("linux", "darwin") or not any(shutil.which(c) for c in ("c++", "g++", "clang++"))
-    ):
-        return False, "not compiled: no C++ compiler found"
-    return True, compiled
 
 
 def configure_threads(threads: int, processes: int) -> int:
@@ -109,3 +81,10 @@ def matmul_peak_flops(sizes: tuple[int, ...] = (), seconds: float = 0.4) -> floa
                 torch.cuda.synchronize()
             best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
     return best
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """The GPU of this process's local rank when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

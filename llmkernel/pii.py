@@ -25,8 +25,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 
-from llmkernel.data.config import PII_TYPES
-
 PLACEHOLDERS: dict[str, str] = {
     "email": "<EMAIL>",
     "phone": "<PHONE>",
@@ -41,6 +39,9 @@ _SPECIFICITY = ("cn_id", "iban", "credit_card", "email", "ip", "phone")
 _RANK = {kind: rank for rank, kind in enumerate(_SPECIFICITY)}
 
 Span = tuple[int, int]
+
+
+PII_TYPES = ("email", "phone", "ip", "credit_card", "iban", "cn_id")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,171 @@
+"""What every task shares: the loop's task protocol with its optional parts, length-grouped batches,
+padding, and the supervised base that classify, ner and sft build on.
+
+A supervised task tokenizes its labeled examples once, then gives the loop length-grouped, dynamically
+padded micro-batches: a pure function of (seed, step, rank), so a resumed run sees the batches an
+uninterrupted one would. The same task object predicts and reports for `llmk evaluate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmkernel import dist
+
+IGNORE = -100  # label of positions without a loss (padding, specials, later sub-tokens of a word)
+GROUP_WINDOW = 50  # batches per length-sorting window (as the HF Trainer's LengthGroupedSampler)
+
+
+class LengthGroupedBatches:
+    """The batches of every epoch as example indices.
+
+    Each epoch shuffles the examples, sorts them by length within windows of 50 batches, cuts batches and
+    shuffles the batch order again: batches hold examples of similar length (little padding) while epochs
+    stay random. Batch `i` overall is `epoch = i // per_epoch`, so any step's batches are known up front.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.group_by_length = batch_size, seed, group_by_length
+        self.per_epoch = math.ceil(len(self.lengths) / batch_size)
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def epoch(self, epoch: int) -> list[np.ndarray]:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng((self.seed, epoch))
+        order = rng.permutation(len(self.lengths))
+        if self.group_by_length:
+            window = self.batch_size * GROUP_WINDOW
+            chunks = [order[i : i + window] for i in range(0, len(order), window)]
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.group_by_length:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._cache = (epoch, batches)
+        return batches
+
+    def batch(self, index: int) -> np.ndarray:
+        epoch, position = divmod(index, self.per_epoch)
+        return self.epoch(epoch)[position]
+
+
+def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """(len(rows), longest) tensor of `rows` right-padded with `value`."""
+    longest = max(len(row) for row in rows)
+    out = torch.full((len(rows), longest), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+class SupervisedTask:
+    """What classify, ner and sft share: encoded examples, batching, padding and the loop's batch API."""
+
+    name = "supervised"
+    metrics: tuple[str, ...] = ()  # what `evaluate` reports; `eval_metric` picks one of them
+    default_metric = "loss"
+    lower_is_better = ("loss", "perplexity", "bits_per_byte")
+
+    def __init__(self, tokenizer, max_length: int, batch_size: int, seed: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length, self.batch_size, self.seed = max_length, batch_size, seed
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.train: list[dict[str, list[int]]] = []
+        self.eval: list[dict[str, list[int]]] = []
+        self.batches: LengthGroupedBatches | None = None
+
+    class_weights: torch.Tensor | None = None
+    # Class weights are (n / (classes x count)) ** power (King and Zeng 2001 at power 1). Token labels are far
+    # more skewed (~90% "O" in NER), so token classification softens them with a smaller power.
+    class_weight_power = 1.0
+
+    @property
+    def names(self) -> list[str]:
+        """The label names (classes or tags); ids index into it."""
+        return []
+
+    def label_counts(self) -> np.ndarray:
+        """How often each label id occurs in the training examples (IGNORE positions left out)."""
+        ids = [
+            i for e in self.train for i in (e["labels"] if isinstance(e["labels"], list) else [e["labels"]])
+        ]
+        ids = np.asarray([i for i in ids if i != IGNORE], dtype=np.int64)
+        return np.bincount(ids, minlength=len(self.names))
+
+    def wants_class_weights(self, setting: str) -> bool:
+        """ "true"/"false" as given; "auto": when the most frequent label is 3x the least frequent."""
+        if setting != "auto":
+            return setting == "true"
+        counts = self.label_counts()
+        return counts.max() >= 3 * max(1, counts.min())
+
+    def use_class_weights(self) -> None:
+        counts = self.label_counts().astype(float)
+        weights = (counts.sum() / (len(counts) * np.maximum(counts, 1.0))) ** self.class_weight_power
+        self.class_weights = torch.tensor(weights, dtype=torch.float32)
+
+    def weight(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.class_weights is None else self.class_weights.to(device)
+
+    def set_train(self, examples: list[dict[str, Any]]) -> None:
+        self.train = examples
+        self.batches = LengthGroupedBatches(
+            [len(e["input_ids"]) for e in examples], self.batch_size, self.seed
+        )
+
+    def steps_per_epoch(self, grad_accum: int, world_size: int) -> int:
+        return math.ceil(self.batches.per_epoch / (grad_accum * world_size))
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad a list of encoded examples to the longest one (dynamic padding)."""
+        ids = [e["input_ids"] for e in examples]
+        batch = {
+            "input_ids": pad(ids, self.pad_id),
+            "attention_mask": pad([[1] * len(row) for row in ids], 0),
+        }
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = pad([e["token_type_ids"] for e in examples], 0)
+        label = examples[0]["labels"]
+        if isinstance(label, list):
+            batch["labels"] = pad([e["labels"] for e in examples], IGNORE)
+        else:
+            batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        return batch
+
+    def micro_batches(
+        self, step: int, count: int, rank: int, world_size: int
+    ) -> list[dict[str, torch.Tensor]]:
+        first = step * count * world_size + rank * count  # this rank's batches among the step's
+        return [self.collate([self.train[i] for i in self.batches.batch(first + m)]) for m in range(count)]
+
+    def report(self, model: torch.nn.Module, device: torch.device, examples=None) -> dict[str, Any]:
+        """The full report of the task's metrics on `examples` (default: the evaluation set)."""
+        raise NotImplementedError
+
+    def evaluate(
+        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
+    ) -> dict[str, float]:
+        """The loop's evaluation: the task's `metrics` from `report` on the evaluation set, computed on
+        rank 0 (the sets are small) and shared with every rank."""
+        metrics = None
+        if rank == 0:
+            report = self.report(model, device)
+            metrics = {k: report[k] for k in self.metrics}
+        return dist.broadcast_object(metrics)
+
+    @staticmethod
+    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def eval_batches(self, examples: list[dict[str, Any]], rank: int = 0, world_size: int = 1):
+        """(indices, batch) over this rank's share of `examples`, longest first (little padding)."""
+        order = np.argsort([-len(e["input_ids"]) for e in examples], kind="stable")[rank::world_size]
+        for i in range(0, len(order), self.batch_size):
+            indices = order[i : i + self.batch_size]
+            yield indices, self.collate([examples[j] for j in indices])

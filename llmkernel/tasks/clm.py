@@ -1,0 +1,133 @@
+"""`clm`: next-token prediction on random windows of token shards (pretraining), and perplexity and bits
+per byte of a text file (`llmk evaluate` on a decoder).
+
+Batches are a pure function of (seed, step, micro-batch, rank), which is what makes resumed runs exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmkernel import dist
+from llmkernel.io.shards import TokenShards
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token stands for; 0 for special tokens (they are left out of bits per byte).
+
+    For byte-level BPE every character of a token's string is one byte (GPT-2's byte-to-unicode map);
+    for other tokenizers the token is decoded on its own, which is exact for whole characters.
+    """
+    vocab_size = len(tokenizer)
+    byte_level = "ByteLevel" in str(tokenizer.backend_tokenizer.decoder)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    special = set(tokenizer.all_special_ids)
+    for token_id, piece in enumerate(pieces):
+        if token_id in special or piece is None:
+            continue
+        if byte_level:
+            lengths[token_id] = len(piece)
+        else:
+            lengths[token_id] = len(piece.removeprefix("##").replace("\u2581", " ").encode())
+    return lengths
+
+
+def _slice(micro: int, count: int, rank: int, world_size: int) -> dict[str, int]:
+    """Which rows of step's global batch a micro-batch takes: every (rank, micro-batch) pair gets its own.
+
+    The global batch of a step is batch_size x count x world_size windows, so gradient accumulation and
+    data parallelism see exactly the rows one process with the whole batch would.
+    """
+    return {"rank": rank * count + micro, "world_size": world_size * count}
+
+
+def _eval_windows(
+    shards: TokenShards, length: int, max_windows: int, rank: int, world_size: int
+) -> list[int]:
+    """Start positions of non-overlapping validation windows (covering the split in order), this rank's share."""
+    count = min(max_windows, (shards.num_tokens - 1) // length)
+    return list(range(rank, count, world_size))
+
+
+class CausalLM:
+    """Next-token prediction on random windows of the train shards."""
+
+    name = "clm"
+
+    def __init__(
+        self, data_dir: str, tokenizer, batch_size: int, seq_len: int, seed: int, eval_batches: int
+    ) -> None:
+        self.train = TokenShards(data_dir, "train")
+        self.val = TokenShards(data_dir, "val")
+        self.batch_size, self.seq_len, self.seed, self.eval_batches = batch_size, seq_len, seed, eval_batches
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
+        self.tokenizer = tokenizer
+
+    def micro_batches(
+        self, step: int, count: int, rank: int, world_size: int
+    ) -> list[dict[str, torch.Tensor]]:
+        batches = []
+        for micro in range(count):
+            inputs, targets = self.train.batch(
+                step, self.batch_size, self.seq_len, seed=self.seed, **_slice(micro, count, rank, world_size)
+            )
+            batches.append({"input_ids": inputs, "labels": targets})
+        return batches
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["labels"].numel()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (batch, seq, vocab)
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)).float(), batch["labels"].view(-1), reduction="sum"
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
+    ) -> dict[str, float]:
+        """Validation loss, perplexity and bits per byte over non-overlapping windows of the val split."""
+        totals = torch.zeros(4, dtype=torch.float64)  # loss nats, tokens, nats on byte tokens, bytes
+        starts = _eval_windows(self.val, self.seq_len, self.eval_batches * self.batch_size, rank, world_size)
+        for i in range(0, len(starts), self.batch_size):
+            rows = [self.val.window(s, self.seq_len + 1) for s in starts[i : i + self.batch_size]]
+            tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
+            inputs, labels = tokens[:, :-1].to(device), tokens[:, 1:]
+            logits = model(input_ids=inputs, use_cache=False).logits.float().cpu()
+            nats = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
+            nbytes = self.byte_lengths[labels.reshape(-1)]
+            totals += torch.tensor(
+                [nats.sum().item(), nats.numel(), nats[nbytes > 0].sum().item(), nbytes.sum().item()],
+                dtype=torch.float64,
+            )
+        totals = dist.all_reduce_sum(totals.to(device)).cpu()
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        bits_per_byte = (totals[2] / math.log(2) / totals[3].clamp(min=1)).item()
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bits_per_byte}
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, device: torch.device, max_new_tokens: int) -> str:
+        """A short greedy-free sample continuing the first tokens of the val split."""
+        prompt = torch.from_numpy(self.val.window(0, min(16, self.val.num_tokens)).astype(np.int64))[None].to(
+            device
+        )
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(
+            self.seed
+        )  # the same sample prompt and seed at every evaluation; loop RNG untouched
+        output = model.generate(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=0.8,
+            top_k=50,
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+        )
+        torch.random.set_rng_state(generator_state)
+        return self.tokenizer.decode(output[0].tolist())

@@ -1,0 +1,225 @@
+"""Metric functions, pure: classification (accuracy, per-class precision/recall/F1, the confusion matrix)
+and entity-level NER scores. Training and evaluation both compute them through the tasks.
+
+Classification follows scikit-learn's `precision_recall_fscore_support` called with every label listed
+(`labels=range(len(labels))`) and `zero_division=0`: a class that is never predicted has precision 0.0, a
+class with no true examples has recall 0.0, and every listed label counts in the macro average, even one
+that never occurs. With one label per example, micro F1 equals accuracy.
+
+Entities are the same as seqeval's default mode (conlleval chunking) for IOB2 and BIOES tags: an entity is
+a chunk (type, start, end); a predicted entity counts as correct only when a true entity has the same type,
+start and end. `B-X` and `S-X` always start a chunk, `I-X` or `E-X` continue a chunk of type X and start a
+new one after `O`, after `E-`/`S-` or after a different type, and `E-X`/`S-X` close their chunk. `O` and any
+tag without a `B-`/`I-`/`E-`/`S-` prefix are outside every chunk. (seqeval would read a bare `PER` as tag
+`P`, type `ER`; treating it as outside is the one deliberate difference.)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from llmkernel.errors import InputError
+
+
+def _check_ids(ids: np.ndarray, name: str, num_labels: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
+        bad = int(ids[(ids < 0) | (ids >= num_labels)][0])
+        raise InputError(
+            f"label id {bad} in {name} is outside 0..{num_labels - 1} ({num_labels} labels); "
+            "make the label list match the ids the data and the model use"
+        )
+
+
+def safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Elementwise numerator / denominator, 0.0 where the denominator is 0 (sklearn's zero_division=0)."""
+    out = np.zeros_like(numerator, dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
+    """Accuracy, per-class and averaged precision/recall/F1, and the confusion matrix, as plain JSON types.
+
+    Args:
+        y_true: the true label id of each example; ids index into `labels`.
+        y_pred: the predicted label id of each example.
+        labels: the label names, one per id.
+
+    Returns:
+        {"accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision", "macro_recall",
+        "num_examples", "labels", "per_class": {label: {"precision", "recall", "f1", "support"}},
+        "confusion_matrix": rows = true label, columns = predicted label}.
+
+    Raises:
+        InputError: `y_true` and `y_pred` differ in length, `labels` is empty, or an id is out of range.
+    """
+    labels = [str(label) for label in labels]
+    if not labels:
+        raise InputError("the label list is empty; pass the class names, one per label id")
+    if len(y_true) != len(y_pred):
+        raise InputError(
+            f"{len(y_true)} true labels but {len(y_pred)} predictions; evaluate one prediction per example"
+        )
+    num_labels = len(labels)
+    true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    _check_ids(true, "y_true", num_labels)
+    _check_ids(pred, "y_pred", num_labels)
+
+    # confusion[t, p] = examples of true class t predicted as p; bincount over the flattened pair index
+    confusion = np.bincount(true * num_labels + pred, minlength=num_labels * num_labels)
+    confusion = confusion.reshape(num_labels, num_labels)
+    true_positives = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0).astype(np.float64)  # column sums: examples predicted as each class
+    support = confusion.sum(axis=1)  # row sums: true examples of each class
+
+    precision = safe_divide(true_positives, predicted)
+    recall = safe_divide(true_positives, support.astype(np.float64))
+    # 2tp / (2tp + fp + fn), the form sklearn uses; equal to the harmonic mean where both are defined
+    f1 = safe_divide(2 * true_positives, predicted + support)
+
+    num_examples = int(true.size)
+    correct = float(true_positives.sum())
+    accuracy = correct / num_examples if num_examples else 0.0
+    # micro F1 = 2 * sum(tp) / (sum(predicted) + sum(support)) = accuracy when every prediction is a label
+    micro_denominator = predicted.sum() + support.sum()
+    micro_f1 = float(2 * correct / micro_denominator) if micro_denominator else 0.0
+    weighted_f1 = float((f1 * support).sum() / support.sum()) if support.sum() else 0.0
+
+    return {
+        "accuracy": accuracy,
+        "macro_f1": float(f1.mean()),
+        "micro_f1": micro_f1,
+        "weighted_f1": weighted_f1,
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "num_examples": num_examples,
+        "labels": labels,
+        "per_class": {
+            label: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, label in enumerate(labels)
+        },
+        "confusion_matrix": confusion.astype(int).tolist(),
+    }
+
+
+PREFIXES = ("B", "I", "E", "S")
+OUTSIDE = "O"
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """`B-PER` -> ("B", "PER"); a bare `B` -> ("B", "_") as in seqeval; anything else -> ("O", "")."""
+    prefix, dash, entity_type = tag.partition("-")
+    if prefix not in PREFIXES or (dash and not entity_type):
+        return OUTSIDE, ""
+    return prefix, entity_type or "_"
+
+
+def _chunk_ends(prev_prefix: str, prefix: str, prev_type: str, entity_type: str) -> bool:
+    """Whether the chunk open at the previous tag ends before the current one (conlleval endOfChunk)."""
+    if prev_prefix in ("E", "S"):
+        return True
+    if prev_prefix in ("B", "I") and prefix in ("B", "S", OUTSIDE):
+        return True
+    return prev_prefix != OUTSIDE and prev_type != entity_type
+
+
+def _chunk_starts(prev_prefix: str, prefix: str, prev_type: str, entity_type: str) -> bool:
+    """Whether a new chunk starts at the current tag (conlleval startOfChunk)."""
+    if prefix in ("B", "S"):
+        return True
+    if prev_prefix in ("E", "S", OUTSIDE) and prefix in ("I", "E"):
+        return True
+    return prefix != OUTSIDE and prev_type != entity_type
+
+
+def extract_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The entities in one tag sequence as (type, start, end) with `end` inclusive, in order.
+
+    >>> extract_entities(["B-PER", "I-PER", "O", "I-LOC"])
+    [('PER', 0, 1), ('LOC', 3, 3)]
+    """
+    entities = []
+    prev_prefix, prev_type, start = OUTSIDE, "", 0
+    # a trailing "O" closes a chunk that runs to the end of the sentence
+    for index, tag in enumerate([*tags, OUTSIDE]):
+        prefix, entity_type = _split_tag(tag)
+        if _chunk_ends(prev_prefix, prefix, prev_type, entity_type):
+            entities.append((prev_type, start, index - 1))
+        if _chunk_starts(prev_prefix, prefix, prev_type, entity_type):
+            start = index
+        prev_prefix, prev_type = prefix, entity_type
+    return entities
+
+
+def _prf(correct: int, predicted: int, support: int) -> dict[str, float]:
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / support if support else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def entity_report(
+    true_sequences: Sequence[Sequence[str]], pred_sequences: Sequence[Sequence[str]]
+) -> dict[str, Any]:
+    """Entity precision/recall/F1 (micro over all entities), macro F1 over types, and token accuracy.
+
+    Args:
+        true_sequences: the gold tags, one list per sentence.
+        pred_sequences: the predicted tags, same shape.
+
+    Returns:
+        {"precision", "recall", "f1", "macro_f1", "token_accuracy", "num_sentences",
+        "per_type": {type: {"precision", "recall", "f1", "support"}}}; support is the number of true
+        entities of the type; types seen only in predictions are listed with support 0 and count in the
+        macro average, as in seqeval.
+
+    Raises:
+        ValueError: the number of sentences, or the length of a pair of sentences, differs.
+    """
+    if len(true_sequences) != len(pred_sequences):
+        raise ValueError(
+            f"{len(true_sequences)} true sentences but {len(pred_sequences)} predicted sentences"
+        )
+    true_counts: Counter[str] = Counter()
+    pred_counts: Counter[str] = Counter()
+    correct_counts: Counter[str] = Counter()
+    correct_tokens = total_tokens = 0
+    for index, (true_tags, pred_tags) in enumerate(zip(true_sequences, pred_sequences)):
+        if len(true_tags) != len(pred_tags):
+            raise ValueError(
+                f"sentence {index} has {len(true_tags)} true tags but {len(pred_tags)} predicted tags"
+            )
+        true_entities = set(extract_entities(true_tags))
+        pred_entities = set(extract_entities(pred_tags))
+        true_counts.update(entity[0] for entity in true_entities)
+        pred_counts.update(entity[0] for entity in pred_entities)
+        correct_counts.update(entity[0] for entity in true_entities & pred_entities)
+        correct_tokens += sum(t == p for t, p in zip(true_tags, pred_tags))
+        total_tokens += len(true_tags)
+
+    per_type = {
+        entity_type: {
+            **_prf(correct_counts[entity_type], pred_counts[entity_type], true_counts[entity_type]),
+            "support": true_counts[entity_type],
+        }
+        for entity_type in sorted(true_counts.keys() | pred_counts.keys())
+    }
+    micro = _prf(sum(correct_counts.values()), sum(pred_counts.values()), sum(true_counts.values()))
+    macro_f1 = sum(stats["f1"] for stats in per_type.values()) / len(per_type) if per_type else 0.0
+    return {
+        **micro,
+        "macro_f1": macro_f1,
+        "token_accuracy": correct_tokens / total_tokens if total_tokens else 0.0,
+        "num_sentences": len(true_sequences),
+        "per_type": per_type,
+    }
