@@ -172,6 +172,18 @@ def model_kind(folder: str | Path) -> str:
     return architecture_kind(str(architectures[0]))
 
 
+def load_config(folder: str | Path):
+    """The transformers config of a model folder; InputError when transformers cannot read it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(
+            f"{folder} is not a usable model folder ({first_line(error)}); pass an HF model folder"
+        ) from None
+
+
 def load_tokenizer_for(folder: str | Path):
     """The tokenizer of a model folder, with a pad token (decoders often have none; padding is masked)."""
     from transformers import AutoTokenizer

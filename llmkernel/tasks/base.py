@@ -1,21 +1,30 @@
 """What every task shares: the loop's task protocol with its optional parts, length-grouped batches,
 padding, and the supervised base that classify, ner and sft build on.
 
+A task is one object that owns its work: reading and encoding its data, the kind of model it trains (and
+so the HF auto class and the peft task type), batches, loss, predictions, metrics, its printed report and
+samples. The loop (`llmkernel.train.loop`) sees only `Task`; `llmk finetune` and `llmk evaluate` build
+supervised tasks from files with `from_training_files` and `for_evaluation`.
+
 A supervised task tokenizes its labeled examples once, then gives the loop length-grouped, dynamically
 padded micro-batches: a pure function of (seed, step, rank), so a resumed run sees the batches an
-uninterrupted one would. The same task object predicts and reports for `llmk evaluate`.
+uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from llmkernel import dist
+from llmkernel.errors import InputError
+from llmkernel.tasks import report as reports
 
 IGNORE = -100  # label of positions without a loss (padding, specials, later sub-tokens of a word)
 GROUP_WINDOW = 50  # batches per length-sorting window (as the HF Trainer's LengthGroupedSampler)
@@ -64,13 +73,54 @@ def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-class SupervisedTask:
-    """What classify, ner and sft share: encoded examples, batching, padding and the loop's batch API."""
+class Task:
+    """What the one training loop needs from a task; `wrap` and `sample` are optional (these defaults)."""
+
+    name = ""
+
+    def micro_batches(
+        self, step: int, count: int, rank: int, world_size: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """The `count` micro-batches of optimizer step `step` for this rank (a pure function of its arguments)."""
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Number of predictions whose loss `loss` sums for this micro-batch (known before the forward)."""
+        return batch["labels"].numel()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the per-prediction losses of one micro-batch."""
+        raise NotImplementedError
+
+    def evaluate(
+        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
+    ) -> dict[str, float]:
+        """Validation metrics. Collective: every rank calls it (an FSDP forward needs every rank)."""
+        raise NotImplementedError
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the training forward runs (e.g. a head only at the predicted positions)."""
+        return model
+
+    def sample(self, model: torch.nn.Module, device: torch.device, max_new_tokens: int) -> str | None:
+        """Text shown at each evaluation (decoders), or None. Collective like `evaluate`."""
+        return None
+
+
+class SupervisedTask(Task):
+    """What classify, ner and sft share: encoded examples, batching, padding, the loop's batch API, and the
+    parts `llmk finetune` and `llmk evaluate` ask every task for."""
 
     name = "supervised"
+    model_kind = ""  # the kind of model folder it trains and evaluates (models.loading.AUTO_CLASSES)
+    peft_task_type = ""  # peft's TaskType for LoRA
     metrics: tuple[str, ...] = ()  # what `evaluate` reports; `eval_metric` picks one of them
+    headline: tuple[str, ...] = ()  # the metrics shown side by side, clean and attacked
     default_metric = "loss"
     lower_is_better = ("loss", "perplexity", "bits_per_byte")
+    attackable = True  # text and HotFlip attacks apply (labels are compared per example or word)
+    uses_class_weights = True  # labels may be weighted by inverse frequency (--data.class_weights)
+    example_unit = "examples"
 
     def __init__(self, tokenizer, max_length: int, batch_size: int, seed: int) -> None:
         self.tokenizer = tokenizer
@@ -79,6 +129,7 @@ class SupervisedTask:
         self.train: list[dict[str, list[int]]] = []
         self.eval: list[dict[str, list[int]]] = []
         self.batches: LengthGroupedBatches | None = None
+        self.progress = False  # a progress bar over evaluation batches (llmk evaluate --progress)
 
     class_weights: torch.Tensor | None = None
     # Class weights are (n / (classes x count)) ** power (King and Zeng 2001 at power 1). Token labels are far
@@ -148,16 +199,52 @@ class SupervisedTask:
         """The full report of the task's metrics on `examples` (default: the evaluation set)."""
         raise NotImplementedError
 
+    def final_report(
+        self, model: torch.nn.Module, device: torch.device, sample_tokens: int
+    ) -> dict[str, Any]:
+        """What eval.json holds for the evaluation set: the report, plus samples where the task has them."""
+        return self.report(model, device)
+
     def evaluate(
         self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
     ) -> dict[str, float]:
-        """The loop's evaluation: the task's `metrics` from `report` on the evaluation set, computed on
-        rank 0 (the sets are small) and shared with every rank."""
-        metrics = None
-        if rank == 0:
-            report = self.report(model, device)
-            metrics = {k: report[k] for k in self.metrics}
-        return dist.broadcast_object(metrics)
+        """The loop's evaluation: the task's `metrics` from `report` on the whole evaluation set. Every
+        rank computes it (the sets are small, and a sharded model's forward needs every rank); rank 0's
+        figures are the ones every rank returns."""
+        report = self.report(model, device)
+        return dist.broadcast_object({k: report[k] for k in self.metrics})
+
+    # ---------------------------------------------------------------- what finetune and evaluate ask for
+
+    def new_head(self) -> dict[str, Any] | None:
+        """Settings of a fresh head for this task's labels (`models.loading.load_model`), or None."""
+        return None
+
+    @classmethod
+    def head_modules(cls, model: torch.nn.Module) -> list[str]:
+        """Modules that train in full under LoRA: the new task head (and BERT's pooler, which it reads)."""
+        names = {n for n, child in model.named_children() if any(True for _ in child.parameters())}
+        names -= {model.base_model_prefix}
+        base = getattr(model, model.base_model_prefix, None)
+        if base is not None and getattr(base, "pooler", None) is not None:
+            names.add("pooler")
+        return sorted(names)
+
+    @classmethod
+    def accepts(cls, path: str | Path) -> bool:
+        """Whether a data file looks like this task's (for telling decoder tasks apart by the file)."""
+        return True
+
+    def format_report(self, report: dict[str, Any]) -> str:
+        """The printed table: the headline metrics, then any samples."""
+        return reports.format_headline(self.headline, report)
+
+    def write_figures(self, out: Path, report: dict[str, Any], title: str, suffix: str = "") -> None:
+        """Figures beside eval.json (classification: the confusion matrix); none by default."""
+
+    def perturbed(self, edit: Callable[[list[str], int], list[str]]) -> list[dict[str, Any]]:
+        """The evaluation examples with `edit(words, example_index)` (a seeded text attack) applied."""
+        raise NotImplementedError
 
     @staticmethod
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,6 +253,32 @@ class SupervisedTask:
     def eval_batches(self, examples: list[dict[str, Any]], rank: int = 0, world_size: int = 1):
         """(indices, batch) over this rank's share of `examples`, longest first (little padding)."""
         order = np.argsort([-len(e["input_ids"]) for e in examples], kind="stable")[rank::world_size]
-        for i in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        for i in tqdm(starts, desc="evaluating", unit="batch", disable=not self.progress, leave=False):
             indices = order[i : i + self.batch_size]
             yield indices, self.collate([examples[j] for j in indices])
+
+
+def split_held_out(items: Any, fraction: float, seed: int, take: Callable[[Any, np.ndarray], Any]):
+    """(train, held out): a seeded `fraction` of `items` held out for evaluation (at least one)."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    cut = max(1, int(len(order) * fraction))
+    return take(items, order[cut:]), take(items, order[:cut])
+
+
+def pick(items: Sequence[Any], indices: np.ndarray) -> list[Any]:
+    return [items[i] for i in indices]
+
+
+def default_max_length(counted: list[int], model_config: Any, path: str, limit: int | None = None) -> int:
+    """Long enough for 99.5% of the training examples (a multiple of 8), within the model's context.
+
+    `counted` are the token lengths of (a sample of) the training examples: tokenizing is the cost, so
+    tasks count the first few thousand. Dynamic padding makes a generous bound cheap; only the rare
+    outliers beyond it are truncated.
+    """
+    context = getattr(model_config, "max_position_embeddings", None) or 2048
+    if not counted:
+        raise InputError(f"{path}: no examples")
+    bound = int(math.ceil(np.percentile(counted, 99.5) / 8) * 8)
+    return int(min(context, limit or context, max(8, bound)))

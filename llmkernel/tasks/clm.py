@@ -7,13 +7,18 @@ Batches are a pure function of (seed, step, micro-batch, rank), which is what ma
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from llmkernel import dist
+from llmkernel.errors import InputError
 from llmkernel.io.shards import TokenShards
+from llmkernel.tasks.base import Task
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -54,10 +59,21 @@ def _eval_windows(
     return list(range(rank, count, world_size))
 
 
-class CausalLM:
+class CausalLM(Task):
     """Next-token prediction on random windows of the train shards."""
 
     name = "clm"
+    model_kind = "decoder"
+    static_shapes = True  # every batch is (batch_size, seq_len): torch.compile compiles once
+
+    @classmethod
+    def from_shards(cls, data_dir: str, tokenizer, train: Any, mask_probability: float = 0.0) -> CausalLM:
+        """The objective on a prepared folder with the loop settings `train` (TrainConfig)."""
+        return cls(data_dir, tokenizer, train.batch_size, train.seq_len, train.seed, train.eval_batches)
+
+    def head_fraction(self) -> float:
+        """Share of positions the LM head runs on (for FLOPs per token): all of them."""
+        return 1.0
 
     def __init__(
         self, data_dir: str, tokenizer, batch_size: int, seq_len: int, seed: int, eval_batches: int
@@ -78,9 +94,6 @@ class CausalLM:
             )
             batches.append({"input_ids": inputs, "labels": targets})
         return batches
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["labels"].numel()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (batch, seq, vocab)
@@ -131,3 +144,64 @@ class CausalLM:
         )
         torch.random.set_rng_state(generator_state)
         return self.tokenizer.decode(output[0].tolist())
+
+
+class TextFileLM:
+    """`llmk evaluate` of a decoder on a text file: perplexity and bits per byte (bytes of the file's UTF-8
+    text, so any tokenizer compares), over non-overlapping windows of `max_length` tokens."""
+
+    name = "lm"
+    model_kind = "decoder"
+    headline = ("loss", "perplexity", "bits_per_byte")
+    attackable = False
+
+    def __init__(self, tokenizer, path: str, max_length: int) -> None:
+        self.tokenizer, self.path, self.max_length = tokenizer, path, max_length
+        self.progress = False
+
+    @classmethod
+    def accepts(cls, path: str | Path) -> bool:
+        return True
+
+    @classmethod
+    def for_evaluation(
+        cls, path, model, tokenizer, max_length: int, batch_size: int, columns: dict, limit: int
+    ):
+        file = Path(path)
+        if not file.is_file():
+            raise InputError(f"{path}: file not found; pass a UTF-8 text file")
+        return cls(tokenizer, path, max_length)
+
+    @torch.no_grad()
+    def report(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        text = Path(self.path).read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise InputError(f"{self.path}: the file is empty")
+        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        nats, predicted = 0.0, 0
+        starts = range(0, max(1, len(ids) - 1), self.max_length)
+        for start in tqdm(starts, desc="evaluating", unit="window", disable=not self.progress, leave=False):
+            window = ids[start : start + self.max_length + 1][None]
+            if window.shape[1] < 2:
+                break
+            logits = model(input_ids=window[:, :-1].to(device), use_cache=False).logits.float().cpu()
+            nats += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+            predicted += window.shape[1] - 1
+        loss = nats / max(1, predicted)
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": nats / math.log(2) / len(text.encode("utf-8")),
+            "tokens": predicted,
+        }
+
+    def final_report(self, model: torch.nn.Module, device: torch.device, sample_tokens: int) -> dict:
+        return self.report(model, device)
+
+    def format_report(self, report: dict) -> str:
+        from llmkernel.tasks.report import format_headline
+
+        return format_headline(self.headline, report)
+
+    def write_figures(self, out: Path, report: dict, title: str, suffix: str = "") -> None:
+        """No figures for a language model."""

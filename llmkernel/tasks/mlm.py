@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from llmkernel import dist
 from llmkernel.errors import InputError
 from llmkernel.io.shards import TokenShards
+from llmkernel.tasks.base import Task
 from llmkernel.tasks.clm import _eval_windows, _slice
 
 
@@ -31,10 +33,29 @@ class MaskedPositionsLM(torch.nn.Module):
         return self.model.cls(hidden[positions])  # (masked, vocab): BertForMaskedLM's prediction head
 
 
-class MaskedLM:
+class MaskedLM(Task):
     """Masked-token prediction (Devlin et al. 2019): 15% of tokens, 80% [MASK], 10% random, 10% unchanged."""
 
     name = "mlm"
+    model_kind = "masked_lm"
+    static_shapes = False  # the number of masked positions changes every step
+
+    @classmethod
+    def from_shards(cls, data_dir: str, tokenizer, train: Any, mask_probability: float) -> MaskedLM:
+        """The objective on a prepared folder with the loop settings `train` (TrainConfig)."""
+        return cls(
+            data_dir,
+            tokenizer,
+            train.batch_size,
+            train.seq_len,
+            train.seed,
+            train.eval_batches,
+            mask_probability,
+        )
+
+    def head_fraction(self) -> float:
+        """Share of positions the prediction head runs on (for FLOPs per token): the masked ones."""
+        return self.probability
 
     def __init__(
         self,
@@ -91,9 +112,6 @@ class MaskedLM:
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return MaskedPositionsLM(model)
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["labels"].numel()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(batch["input_ids"], batch["positions"])  # (masked tokens, vocab)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from llmkernel.io.conll import TaggedSentence
-from llmkernel.tasks.base import IGNORE, SupervisedTask
+from llmkernel.errors import InputError
+from llmkernel.io.conll import TaggedSentence, read_conll, tag_names
+from llmkernel.tasks import report as reports
+from llmkernel.tasks.base import IGNORE, SupervisedTask, default_max_length, pick, split_held_out
 from llmkernel.tasks.metrics import entity_report
 
 
@@ -27,7 +29,10 @@ class TokenClassify(SupervisedTask):
     """Named-entity recognition: one tag per word, on the word's first sub-token (BERT's convention)."""
 
     name = "ner"
+    model_kind = "token_classifier"
+    peft_task_type = "TOKEN_CLS"
     default_metric = "f1"
+    headline = ("f1", "precision", "recall", "token_accuracy")
 
     @property
     def names(self) -> list[str]:
@@ -41,6 +46,61 @@ class TokenClassify(SupervisedTask):
         self.tag_ids = {name: i for i, name in enumerate(tags)}
         self.class_weight_power = 0.5
         self.eval_sentences: list[TaggedSentence] = []
+
+    @classmethod
+    def from_training_files(
+        cls, tokenizer, model_config, data: Any, seed: int, batch_size: int, max_length: int
+    ):
+        """The task with the CoNLL files `data.train` (and `data.eval`, or a held-out share) read and encoded."""
+        train = read_conll(data.train)[: data.limit or None]
+        evaluation = read_conll(data.eval) if data.eval else None
+        if evaluation is None:
+            train, evaluation = split_held_out(train, data.eval_fraction, seed, pick)
+        tags = tag_names(train)
+        unknown = sorted({t for s in evaluation for t in s.tags} - set(tags))
+        if unknown:
+            raise InputError(
+                f"tags in {data.eval or data.train} missing from the training data: {', '.join(unknown[:5])}; "
+                "every evaluation tag must occur in training"
+            )
+        if not max_length:
+            encoded = tokenizer([s.tokens for s in train[:20000]], is_split_into_words=True)
+            max_length = default_max_length(
+                [len(ids) for ids in encoded["input_ids"]], model_config, data.train
+            )
+        task = cls(tokenizer, tags, max_length, batch_size, seed)
+        task.set_train(task.encode(train))
+        task.eval, task.eval_sentences = task.encode(evaluation), evaluation
+        return task
+
+    @classmethod
+    def for_evaluation(
+        cls, path: str, model, tokenizer, max_length: int, batch_size: int, columns: dict, limit: int
+    ):
+        """The task with the tags the model knows and the CoNLL file `path` as its evaluation set."""
+        tags = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+        sentences = read_conll(path)[: limit or None]
+        unknown = sorted({t for s in sentences for t in s.tags} - set(tags))
+        if unknown:
+            raise InputError(f"tags in {path} unknown to the model: {', '.join(unknown[:5])}")
+        task = cls(tokenizer, tags, max_length, batch_size)
+        task.eval, task.eval_sentences = task.encode(sentences), sentences
+        return task
+
+    def new_head(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.tags),
+            "id2label": dict(enumerate(self.tags)),
+            "label2id": {n: i for i, n in enumerate(self.tags)},
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+
+    def perturbed(self, edit: Callable[[list[str], int], list[str]]) -> list[dict[str, Any]]:
+        """The evaluation sentences with `edit(words, index)` applied to their tokens (tags unchanged)."""
+        return self.encode([replace(s, tokens=edit(s.tokens, i)) for i, s in enumerate(self.eval_sentences)])
+
+    def format_report(self, report: dict[str, Any]) -> str:
+        return reports.format_entity_report(report)
 
     def encode(self, sentences: Sequence[TaggedSentence]) -> list[dict[str, Any]]:
         encoded = self.tokenizer(

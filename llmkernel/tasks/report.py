@@ -7,6 +7,7 @@ the same report on the perturbed inputs, so clean and attacked numbers sit side 
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,14 @@ LABEL_WIDTH = 12  # label names longer than this are cut in printed tables
 
 def _short(name: str, width: int = LABEL_WIDTH) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def score_row(
+    width: int, name: str, precision: float | str, recall: float | str, f1: float, support: int
+) -> str:
+    """One row of a precision / recall / F1 / support table (blank cells for strings)."""
+    cells = [f"{value:>9.4f}" if isinstance(value, float) else f"{value:>9}" for value in (precision, recall)]
+    return f"{name:>{width}}  {cells[0]}  {cells[1]}  {f1:>9.4f}  {support:>9}"
 
 
 def format_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
@@ -43,11 +52,7 @@ def format_classification_report(report: dict[str, Any]) -> str:
     width = max(len("weighted avg"), *(len(name) for name in names.values()))
     header = f"{'':>{width}}  {'precision':>9}  {'recall':>9}  {'f1-score':>9}  {'support':>9}"
 
-    def row(name: str, precision: float | str, recall: float | str, f1: float, support: int) -> str:
-        cells = [
-            f"{value:>9.4f}" if isinstance(value, float) else f"{value:>9}" for value in (precision, recall)
-        ]
-        return f"{name:>{width}}  {cells[0]}  {cells[1]}  {f1:>9.4f}  {support:>9}"
+    row = functools.partial(score_row, width)
 
     lines = [header, ""]
     for label, name in names.items():
@@ -77,11 +82,7 @@ def format_entity_report(report: dict[str, Any]) -> str:
     width = max(len("micro avg"), *(len(name) for name in per_type)) if per_type else len("micro avg")
     total = sum(stats["support"] for stats in per_type.values())
 
-    def row(name: str, precision: float | str, recall: float | str, f1: float, support: int) -> str:
-        cells = [
-            f"{value:>9.4f}" if isinstance(value, float) else f"{value:>9}" for value in (precision, recall)
-        ]
-        return f"{name:>{width}}  {cells[0]}  {cells[1]}  {f1:>9.4f}  {support:>9}"
+    row = functools.partial(score_row, width)
 
     lines = [f"{'':>{width}}  {'precision':>9}  {'recall':>9}  {'f1-score':>9}  {'support':>9}", ""]
     for name, stats in per_type.items():
@@ -160,21 +161,9 @@ def plot_confusion_matrix(
     return path
 
 
-HEADLINE = {
-    "classify": ("accuracy", "macro_f1", "weighted_f1"),
-    "ner": ("f1", "precision", "recall", "token_accuracy"),
-    "lm": ("loss", "perplexity", "bits_per_byte"),
-    "sft": ("loss", "perplexity"),
-}
-
-
-def format_report(task: str, report: dict[str, Any]) -> str:
-    """The task's printed table."""
-    if task == "classify":
-        return format_classification_report(report)
-    if task == "ner":
-        return format_entity_report(report)
-    lines = [f"{name:>14}  {report[name]:.4f}" for name in HEADLINE[task] if name in report]
+def format_headline(names: Sequence[str], report: dict[str, Any]) -> str:
+    """One line per headline metric, then the sample replies if the report has them."""
+    lines = [f"{name:>14}  {report[name]:.4f}" for name in names if name in report]
     for sample in report.get("samples", []):
         lines.append(f"\nprompt:    {sample['prompt'][:200]!r}\nreference: {sample['reference'][:200]!r}")
         lines.append(f"reply:     {sample['reply'][:200]!r}")
@@ -182,12 +171,12 @@ def format_report(task: str, report: dict[str, Any]) -> str:
 
 
 def format_comparison(
-    task: str, clean: dict[str, Any], attacked: dict[str, Any], attack: dict[str, Any]
+    names: Sequence[str], clean: dict[str, Any], attacked: dict[str, Any], attack: dict[str, Any]
 ) -> str:
     """Clean and attacked headline metrics side by side."""
     title = f"{attack['kind']} attack, rate {attack['rate']:g}, seed {attack['seed']}"
     lines = [f"{'metric':>14}  {'clean':>8}  {'attacked':>8}  {'change':>8}   ({title})"]
-    for name in HEADLINE[task]:
+    for name in names:
         if name in clean and name in attacked:
             change = attacked[name] - clean[name]
             lines.append(f"{name:>14}  {clean[name]:8.4f}  {attacked[name]:8.4f}  {change:+8.4f}")
@@ -196,7 +185,7 @@ def format_comparison(
 
 def save_report(
     out: str | Path,
-    task: str,
+    task: Any,
     report: dict[str, Any],
     title: str = "",
     attacked: dict[str, Any] | None = None,
@@ -204,27 +193,21 @@ def save_report(
     extra: dict[str, Any] | None = None,
     echo: bool = True,
 ) -> dict[str, Any]:
-    """Write eval.json (and confusion_matrix.png for classification) into `out`, print the tables."""
+    """Write eval.json (and the task's figures) into `out` and print the task's tables.
+
+    `task` is the task object (llmkernel.tasks): its `name`, `headline`, `format_report` and `write_figures`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    document: dict[str, Any] = {"task": task, **(extra or {}), **report}
+    document: dict[str, Any] = {"task": task.name, **(extra or {}), **report}
+    task.write_figures(out, report, title)
     if attacked is not None and attack is not None:
         document["attack"] = {**attack, **attacked}
-    if task == "classify":
-        plot_confusion_matrix(
-            report["confusion_matrix"], report["labels"], out / "confusion_matrix.png", title
-        )
-        if attacked is not None:
-            plot_confusion_matrix(
-                attacked["confusion_matrix"],
-                attacked["labels"],
-                out / "confusion_matrix_attacked.png",
-                f"{title} ({attack['kind']} attack)",
-            )
+        task.write_figures(out, attacked, f"{title} ({attack['kind']} attack)", suffix="_attacked")
     atomic_write_json(out / "eval.json", document)
     if echo:
-        print(format_report(task, report))
+        print(task.format_report(report))
         if attacked is not None and attack is not None:
             print()
-            print(format_comparison(task, report, attacked, attack))
+            print(format_comparison(task.headline, report, attacked, attack))
     return document

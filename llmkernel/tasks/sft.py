@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from llmkernel.errors import InputError
-from llmkernel.tasks.base import IGNORE, SupervisedTask
+from llmkernel.io.chat import read_chat
+from llmkernel.tasks.base import IGNORE, SupervisedTask, default_max_length, pick, split_held_out
 
 # Used for tokenizers without a chat template (e.g. a decoder we pretrained): ChatML, as SmolLM2 uses.
 CHATML_TEMPLATE = (
@@ -45,8 +47,13 @@ class ChatSFT(SupervisedTask):
     """Supervised fine-tuning on conversations, loss on assistant tokens only."""
 
     name = "sft"
+    model_kind = "decoder"
+    peft_task_type = "CAUSAL_LM"
     default_metric = "loss"
     metrics = ("loss", "perplexity")
+    headline = ("loss", "perplexity")
+    attackable = False
+    uses_class_weights = False
 
     def __init__(
         self, tokenizer, max_length: int, batch_size: int, seed: int = 0, packing: bool = True
@@ -57,6 +64,65 @@ class ChatSFT(SupervisedTask):
             tokenizer.chat_template = CHATML_TEMPLATE
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.pad_id
         self.eval_conversations: list[list[dict[str, str]]] = []
+
+    @property
+    def example_unit(self) -> str:
+        return "rows (packed conversations)" if self.packing else "examples"
+
+    @classmethod
+    def accepts(cls, path: str | Path) -> bool:
+        return Path(path).suffix in (".jsonl", ".json")
+
+    @classmethod
+    def from_training_files(
+        cls, tokenizer, model_config, data: Any, seed: int, batch_size: int, max_length: int
+    ):
+        """The task with the chat files `data.train` (and `data.eval`, or a held-out share) encoded."""
+        train = read_chat(data.train)[: data.limit or None]
+        evaluation = read_chat(data.eval) if data.eval else None
+        if evaluation is None:
+            train, evaluation = split_held_out(train, data.eval_fraction, seed, pick)
+        task = cls(tokenizer, max_length, batch_size, seed, packing=data.packing)
+        if not max_length:  # rendering chat templates is slow: count the first 2,000; at most 2,048
+            counted = [len(task.encode_conversation(c)["input_ids"]) for c in train[:2000]]
+            task.max_length = default_max_length(counted, model_config, data.train, limit=2048)
+        task.set_data(train, evaluation)
+        return task
+
+    @classmethod
+    def for_evaluation(
+        cls, path: str, model, tokenizer, max_length: int, batch_size: int, columns: dict, limit: int
+    ):
+        """The task with the conversations of `path` as its evaluation set."""
+        conversations = read_chat(path)[: limit or None]
+        task = cls(tokenizer, max_length, batch_size)
+        task.eval, task.eval_conversations = task.encode(conversations, pack=False), conversations
+        return task
+
+    @classmethod
+    def head_modules(cls, model: torch.nn.Module) -> list[str]:
+        return []  # the LM head is the model's own (tied to the embeddings in small decoders)
+
+    def final_report(
+        self, model: torch.nn.Module, device: torch.device, sample_tokens: int
+    ) -> dict[str, Any]:
+        report = self.report(model, device)
+        report["samples"] = self.samples(model, device, sample_tokens)
+        return report
+
+    def samples(self, model, device: torch.device, max_new_tokens: int, count: int = 3) -> list[dict]:
+        """Greedy replies to the first evaluation prompts, next to the reference replies."""
+        samples = []
+        for messages in self.eval_conversations[:count]:
+            reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+            samples.append(
+                {
+                    "prompt": messages[-2]["content"] if len(messages) > 1 else "",
+                    "reference": reference,
+                    "reply": self.answer(model, device, messages, max_new_tokens),
+                }
+            )
+        return samples
 
     def render(self, messages: Sequence[dict[str, str]], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
@@ -117,9 +183,6 @@ class ChatSFT(SupervisedTask):
         batch["positions"] = shifted != IGNORE
         batch["labels"] = shifted[batch["positions"]]
         return batch
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["labels"].numel()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(batch["input_ids"], batch["attention_mask"], batch["positions"])  # (selected, vocab)

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from llmkernel.config import check, option
 from llmkernel.models.presets import ModelConfig
+from llmkernel.tasks import FINETUNE_TASKS, PRETRAIN_OBJECTIVES
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("auto", "fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")
 COMPILE_SETTINGS = ("auto", "true", "false")
-OBJECTIVES = ("clm", "mlm")
 # Fields of pretrain/finetune that say how to run, not what comes out (left out of the run's fingerprint).
 RUN_ONLY_FIELDS = ("out", "resume", "force", "progress", "train.compile", "train.threads")
 
@@ -119,7 +119,11 @@ class PretrainConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        check(self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}")
+        check(
+            self.objective in PRETRAIN_OBJECTIVES,
+            "objective",
+            f"must be one of {', '.join(PRETRAIN_OBJECTIVES)}",
+        )
         check(0 < self.mask_probability < 1, "mask_probability", "must be in (0, 1)")
         check(
             not (self.resume and self.force), "resume", "--resume and --force contradict each other; pick one"
@@ -136,7 +140,6 @@ class PretrainConfig:
         )
 
 
-FINETUNE_TASKS = ("classify", "ner", "sft")
 FINETUNE_METHODS = ("full", "top_layers", "lora")
 ADVERSARIAL = ("none", "fgm", "pgd", "freelb")
 
@@ -155,6 +158,11 @@ class FinetuneDataConfig:
     class_weights: str = option(
         "auto",
         "classify/ner: weight labels by inverse frequency: auto (when the commonest is 3x the rarest), true, false",
+    )
+    label_names: list[str] = option(
+        factory=list,
+        help="classify: names for the label values in their sorted order, e.g. negative positive for 0 1 "
+        "(empty: the values themselves); what eval.json and the server show",
     )
     packing: bool = option(True, "sft: concatenate conversations into full rows of train.seq_len tokens")
 

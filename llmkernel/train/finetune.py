@@ -17,20 +17,15 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from llmkernel import dist
+from llmkernel import dist, tasks
 from llmkernel.config import to_dict
-from llmkernel.errors import ConfigError, InputError, first_line
-from llmkernel.io.chat import read_chat
-from llmkernel.io.conll import read_conll, tag_names
-from llmkernel.io.tables import ClassificationData, label_names, read_classification
-from llmkernel.models.loading import quiet_transformers, resolve_model
+from llmkernel.errors import ConfigError, InputError
+from llmkernel.models.loading import load_config, load_model, load_tokenizer_for, model_kind, resolve_model
 from llmkernel.runs import (
     Manifest,
     check_writable_parent,
@@ -41,10 +36,7 @@ from llmkernel.runs import (
 )
 from llmkernel.runtime import configure_threads, keep_freed_memory
 from llmkernel.tasks.base import SupervisedTask
-from llmkernel.tasks.classify import Classify
-from llmkernel.tasks.ner import TokenClassify
 from llmkernel.tasks.report import save_report
-from llmkernel.tasks.sft import ChatSFT
 from llmkernel.train.adversarial import Adversary
 from llmkernel.train.checkpoint import load_checkpoint, open_output
 from llmkernel.train.compile import compile_decision
@@ -78,18 +70,29 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     started = time.time()
     out = Path(config.out)
     check_writable_parent(out)
+    for path in (config.data.train, config.data.eval):  # inputs first: a missing file before anything else
+        if path and not Path(path).is_file():
+            raise InputError(
+                f"{path}: no such file; pass the training (--data.train) and eval (--data.eval) files"
+            )
     folder = resolve_model(config.model)
-    tokenizer, model_config = load_tokenizer_and_config(folder)
+    task_class = tasks.task_class(config.task)
+    kind = model_kind(folder)
+    tokenizer, model_config = load_tokenizer_for(folder), load_config(folder)
     inputs = describe_inputs([Path(p) for p in (config.data.train, config.data.eval) if p])
-    user_config = to_dict(config)
-    run_fingerprint = fingerprint(user_config, inputs, RUN_ONLY_FIELDS)
+    run_fingerprint = fingerprint(to_dict(config), inputs, RUN_ONLY_FIELDS)
 
     # 1. data, and the settings derived from it
-    task = build_task(config, tokenizer, model_config)
-    max_length = task.max_length
+    task = task_class.from_training_files(
+        tokenizer, model_config, config.data, config.train.seed, config.train.batch_size, config.train.seq_len
+    )
+    if not task.train or not task.eval:
+        raise InputError(
+            f"{config.data.train}: too few examples to train and evaluate; give an eval file or more rows"
+        )
     if config.eval_metric and config.eval_metric not in task.metrics:
         raise ConfigError(f"eval_metric: {config.task} reports {', '.join(task.metrics)}; pick one of them")
-    config = resolve_defaults(config, task, model_config, max_length, rank_info.world_size)
+    config = resolve_defaults(config, task, model_config, task.max_length, rank_info.world_size)
     checkpoints = open_output(out, STAGE, run_fingerprint, config.resume, config.force, rank_info)
     if checkpoints is None:
         return read_manifest(out)["metrics"]
@@ -98,25 +101,21 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     configure_threads(config.train.threads, rank_info.world_size)
     keep_freed_memory()
     torch.manual_seed(config.train.seed)
-    model = load_task_model(folder, config.task, task, tokenizer)
+    if task.model_kind == "decoder" and kind != "decoder":
+        raise InputError(f"{folder} is a {kind} model; {config.task} tunes decoders (*ForCausalLM folders)")
+    model = load_model(folder, task.model_kind, new_head=task.new_head())
     if config.method == "top_layers":
         freeze_all_but_top_layers(model, config.top_layers)
     elif config.method == "lora":
-        model = apply_lora(
-            model,
-            config.task,
-            config.lora.rank,
-            config.lora.alpha,
-            config.lora.dropout,
-            config.lora.target_modules,
-        )
+        lora = config.lora
+        model = apply_lora(model, task, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
     trainable, total = trainable_share(model)
-    unit = "rows (packed conversations)" if config.task == "sft" and config.data.packing else "examples"
     dist.print0(
         f"{config.task} / {config.method}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
-        f"({100 * trainable / total:.2f}%); {len(task.train):,} training {unit} and {len(task.eval):,} evaluation examples"
+        f"({100 * trainable / total:.2f}%); {len(task.train):,} training {task.example_unit} and "
+        f"{len(task.eval):,} evaluation examples"
     )
-    if config.task != "sft" and task.wants_class_weights(config.data.class_weights):
+    if task.uses_class_weights and task.wants_class_weights(config.data.class_weights):
         task.use_class_weights()
         dist.print0(
             "class weights: "
@@ -128,9 +127,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     )
     if compile_module:  # asked for with --train.compile true; auto never compiles padded batches
         dist.print0(f"training step: {compile_note}")
-    train_module = wrap_for_training(
-        task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
-    )
+    train_module = wrap_for_training(task.wrap(model), config.train.strategy, rank_info, compile_module)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
     metric = config.eval_metric or task.default_metric
@@ -168,7 +165,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
         flops_per_token=0,
         peak_flops=0.0,
         grad_clip=config.optim.grad_clip,
-        sample=getattr(task, "sample", None),
+        sample=task.sample,
         backward=backward,
         on_evaluate=best,
         extra_state=lambda: {"best": best.state_dict()},
@@ -180,10 +177,8 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     metrics: dict[str, Any] = {}
     if rank_info.is_main:
         best.restore(model)
-        report = task.report(model, rank_info.device)
-        if config.task == "sft":
-            report["samples"] = sft_samples(task, model, rank_info.device, config.train.sample_tokens)
-        save_report(out, config.task, report, title=f"{Path(config.model).name} / {config.method}")
+        report = task.final_report(model, rank_info.device, config.train.sample_tokens)
+        save_report(out, task, report, title=f"{Path(config.model).name} / {config.method}")
         save_model(model, tokenizer, out, config.merge)
         metrics = {
             "step": result.step,
@@ -203,125 +198,6 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
         dist.print0(f"model saved to {out} (best {metric} {best.best_value:.4f} at step {best.best_step})")
     dist.barrier()
     return metrics
-
-
-def load_tokenizer_and_config(folder: Path):
-    """The model folder's tokenizer and config, or one line saying the folder is not a usable model."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        model_config = AutoConfig.from_pretrained(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(
-            f"{folder} is not a usable model folder ({first}); pass an HF model folder"
-        ) from None
-    if tokenizer.pad_token_id is None:  # decoders often have none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model_config
-
-
-def build_task(config: FinetuneConfig, tokenizer, model_config) -> SupervisedTask:
-    """The task with its training and evaluation examples encoded (a held-out share when no eval file).
-
-    Each file is read once; the max length (unless set) comes from the training examples just read.
-    """
-    data, seed, batch = config.data, config.train.seed, config.train.batch_size
-
-    def max_length(lengths: Callable[[int], list[int]]) -> int:
-        return config.train.seq_len or default_max_length(lengths, config.task, model_config, data.train)
-
-    if config.task == "classify":
-        train = read_classification(
-            data.train, data.text_column, data.pair_column, data.label_column, limit=data.limit
-        )
-        columns = (train.text_column, train.pair_column, train.label_column)
-        evaluation = read_classification(data.eval, *columns) if data.eval else None
-        train, evaluation = _split(train, evaluation, data.eval_fraction, seed)
-        labels = label_names(train.labels, evaluation.labels, data.eval or data.train)
-        if len(labels) < 2:
-            raise InputError(
-                f"{data.train}: only one label ({labels[0]!r}); classification needs two or more"
-            )
-
-        def lengths(count: int) -> list[int]:
-            pairs = train.pairs[:count] if train.pairs else None
-            return [len(ids) for ids in tokenizer(train.texts[:count], pairs)["input_ids"]]
-
-        task = Classify(tokenizer, labels, max_length(lengths), batch, seed)
-        task.set_train(task.encode(train))
-        task.eval = task.encode(evaluation)
-    elif config.task == "ner":
-        train = read_conll(data.train)[: data.limit or None]
-        evaluation = read_conll(data.eval) if data.eval else None
-        train, evaluation = _split(train, evaluation, data.eval_fraction, seed)
-        tags = tag_names(train)
-        unknown = sorted({t for s in evaluation for t in s.tags} - set(tags))
-        if unknown:
-            raise InputError(
-                f"tags in {data.eval or data.train} missing from the training data: {', '.join(unknown[:5])}; "
-                "every evaluation tag must occur in training"
-            )
-
-        def lengths(count: int) -> list[int]:
-            encoded = tokenizer([s.tokens for s in train[:count]], is_split_into_words=True)
-            return [len(ids) for ids in encoded["input_ids"]]
-
-        task = TokenClassify(tokenizer, tags, max_length(lengths), batch, seed)
-        task.set_train(task.encode(train))
-        task.eval, task.eval_sentences = task.encode(evaluation), evaluation
-    else:
-        train = read_chat(data.train)[: data.limit or None]
-        evaluation = read_chat(data.eval) if data.eval else None
-        train, evaluation = _split(train, evaluation, data.eval_fraction, seed)
-        task = ChatSFT(tokenizer, 0, batch, seed, packing=data.packing)
-        task.max_length = max_length(
-            lambda count: [len(task.encode_conversation(c)["input_ids"]) for c in train[:count]]
-        )
-        task.set_data(train, evaluation)
-    if not task.train or not task.eval:
-        raise InputError(
-            f"{data.train}: too few examples to train and evaluate; give an eval file or more rows"
-        )
-    return task
-
-
-def _split(train, evaluation, fraction: float, seed: int):
-    """(train, evaluation): the given eval set, or a seeded `fraction` of train held out."""
-    if evaluation is not None:
-        return train, evaluation
-    if isinstance(train, ClassificationData):
-        order = np.random.default_rng(seed).permutation(len(train.texts))
-        cut = max(1, int(len(order) * fraction))
-
-        def take(indices):
-            pick = lambda values: None if values is None else [values[i] for i in indices]  # noqa: E731
-            return dataclasses.replace(
-                train, texts=pick(train.texts), pairs=pick(train.pairs), labels=pick(train.labels)
-            )
-
-        return take(order[cut:]), take(order[:cut])
-    order = np.random.default_rng(seed).permutation(len(train))
-    cut = max(1, int(len(order) * fraction))
-    return [train[i] for i in order[cut:]], [train[i] for i in order[:cut]]
-
-
-def default_max_length(
-    lengths: Callable[[int], list[int]], task: str, model_config, path: str, sample: int = 20000
-) -> int:
-    """Long enough for 99.5% of the training examples (a multiple of 8), within the model's context.
-
-    `lengths(n)` gives the token lengths of the first n training examples (a sample: tokenizing is the
-    cost). Dynamic padding makes a generous bound cheap; only the rare outliers beyond it are truncated.
-    """
-    limit = getattr(model_config, "max_position_embeddings", None) or 2048
-    if task == "sft":
-        limit, sample = min(limit, 2048), 2000  # rendering chat templates is slower
-    counted = lengths(sample)
-    if not counted:
-        raise InputError(f"{path}: no examples")
-    return int(min(limit, max(8, math.ceil(np.percentile(counted, 99.5) / 8) * 8)))
 
 
 def default_learning_rate(method: str, width: int) -> float:
@@ -353,44 +229,25 @@ def resolve_defaults(
         checkpoint_every=config.train.checkpoint_every or eval_every,
     )
     optim = dataclasses.replace(config.optim, lr=lr, warmup_steps=warmup)
+    # What will happen, not what was asked: --train.max_steps may cap the epochs, and an evaluation
+    # interval beyond the last step means one evaluation, at the end.
+    epochs = max_steps / steps_per_epoch
+    evaluations = max_steps // eval_every
+    when = (
+        "one evaluation, at the end"
+        if evaluations == 0 or (evaluations == 1 and max_steps == eval_every)
+        else f"evaluation every {eval_every} steps and at the end"
+        if max_steps % eval_every
+        else f"evaluation every {eval_every} steps"
+    )
     dist.print0(
-        f"settings: {epochs:g} epochs = {max_steps} steps of {config.train.batch_size * config.train.grad_accum} "
-        f"({len(task.train):,} examples), lr {lr:.1e} ({config.method}, width {width}), warmup {warmup} steps, "
-        f"max length {max_length}, evaluation every {eval_every} steps"
+        f"settings: {max_steps} steps of {config.train.batch_size * config.train.grad_accum} examples "
+        f"= {epochs:.3g} epochs of {len(task.train):,} {task.example_unit}, lr {lr:.1e} ({config.method}, "
+        f"width {width}), warmup {warmup} steps, max length {max_length}, {when}"
     )
-    return dataclasses.replace(config, epochs=epochs, train=train, optim=optim)
-
-
-def load_task_model(folder: Path, task_name: str, task: SupervisedTask, tokenizer):
-    """The model with the task's head: sequence or token classification (a new head for the labels), or
-    a causal LM for sft."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
+    return dataclasses.replace(
+        config, epochs=config.epochs or float(round(epochs, 3)), train=train, optim=optim
     )
-
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if task_name == "sft":
-        loader = AutoModelForCausalLM
-    else:
-        names = task.labels if task_name == "classify" else task.tags
-        loader = (
-            AutoModelForSequenceClassification if task_name == "classify" else AutoModelForTokenClassification
-        )
-        kwargs.update(
-            num_labels=len(names),
-            id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
-            ignore_mismatched_sizes=True,  # a folder that already has a head for other labels gets a new one
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    quiet_transformers()  # "newly initialized: classifier" is expected; we print our own line
-    try:
-        model = loader.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise InputError(f"{folder}: cannot load as a model for {task_name} ({first_line(error)})") from None
-    return model
 
 
 class BestModel:
@@ -447,23 +304,6 @@ class BestModel:
         self.best_value = state.get("best_value")
         self.best_step = state.get("best_step", 0)
         self.bad_evaluations = state.get("bad_evaluations", 0)
-
-
-def sft_samples(
-    task: ChatSFT, model, device: torch.device, max_new_tokens: int, count: int = 3
-) -> list[dict]:
-    """Greedy replies to the first evaluation prompts, next to the reference replies."""
-    samples = []
-    for messages in task.eval_conversations[:count]:
-        reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
-        samples.append(
-            {
-                "prompt": messages[-2]["content"] if len(messages) > 1 else "",
-                "reference": reference,
-                "reply": task.answer(model, device, messages, max_new_tokens),
-            }
-        )
-    return samples
 
 
 def save_model(model, tokenizer, out: Path, merge: bool) -> None:

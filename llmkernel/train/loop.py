@@ -298,8 +298,9 @@ def _evaluate(
     logger.write(f"step {step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items()))
     if sample is not None and config.sample_tokens and rank_info.is_main:
         text = sample(model, rank_info.device, config.sample_tokens)
-        logger.text(step, "sample", text)
-        logger.write(f"sample: {text[:300]!r}")
+        if text is not None:  # tasks without samples return None
+            logger.text(step, "sample", text)
+            logger.write(f"sample: {text[:300]!r}")
     dist.barrier()
     model.train()
     return metrics

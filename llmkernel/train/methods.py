@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
 from llmkernel.errors import ConfigError
 
 METHODS = ("full", "top_layers", "lora")
-PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "ner": "TOKEN_CLS", "sft": "CAUSAL_LM"}
 
 
 def transformer_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -57,28 +57,16 @@ def lora_targets(model: torch.nn.Module) -> str:
     return rf"(.*\.)?{re.escape(name)}\.\d+\.(.*\.)?({'|'.join(map(re.escape, leaves))})"
 
 
-def head_modules(model: torch.nn.Module, task: str) -> list[str]:
-    """The new task head (and BERT's pooler, which classification reads) that trains in full under LoRA."""
-    if task == "sft":
-        return []
-    names = {n for n, child in model.named_children() if any(True for _ in child.parameters())} - {
-        model.base_model_prefix
-    }
-    base = getattr(model, model.base_model_prefix, None)
-    if base is not None and getattr(base, "pooler", None) is not None:
-        names.add("pooler")
-    return sorted(names)
-
-
 def apply_lora(
     model: torch.nn.Module,
-    task: str,
+    task: Any,
     rank: int,
     alpha: float,
     dropout: float,
     target_modules: list[str],
 ):
-    """Wrap `model` with LoRA adapters; returns the peft model (its base layers frozen)."""
+    """Wrap `model` with LoRA adapters for `task` (its peft task type; its head trains in full); returns the
+    peft model (its base layers frozen)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -86,8 +74,8 @@ def apply_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules or lora_targets(model),
-        modules_to_save=head_modules(model, task) or None,
-        task_type=PEFT_TASK_TYPES[task],
+        modules_to_save=task.head_modules(model) or None,
+        task_type=task.peft_task_type,
     )
     try:
         return get_peft_model(model, config)

@@ -241,7 +241,7 @@ def test_adversary_works_with_frozen_embeddings(setup, method):
 def test_adversary_on_a_lora_model_reaches_the_adapters(setup):
     model, task, batch = setup
     torch.manual_seed(0)
-    peft_model = apply_lora(model, "classify", rank=2, alpha=4, dropout=0.0, target_modules=[]).eval()
+    peft_model = apply_lora(model, Classify, rank=2, alpha=4, dropout=0.0, target_modules=[]).eval()
     adversary = Adversary(peft_model, "fgm", epsilon=1.0, step_size=0.0, steps=1)
     deltas = recorded_deltas(adversary)
     adversary(compute_loss_for(peft_model, task, batch), 1 / task.count(batch), batch)

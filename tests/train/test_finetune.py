@@ -11,7 +11,8 @@ import torch
 
 from llmkernel.config import build
 from llmkernel.errors import InputError
-from llmkernel.eval.evaluate import EvaluateConfig, evaluate
+from llmkernel.eval.config import EvaluateConfig
+from llmkernel.eval.evaluate import evaluate
 from llmkernel.train.config import FinetuneConfig
 from llmkernel.train.finetune import BestModel, finetune
 from tests.conftest import run_llmk

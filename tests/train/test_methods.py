@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from llmkernel.errors import ConfigError
+from llmkernel.tasks.classify import Classify
+from llmkernel.tasks.sft import ChatSFT
 from llmkernel.train.methods import (
     apply_lora,
     freeze_all_but_top_layers,
-    head_modules,
     is_peft,
     lora_targets,
     merge_lora,
@@ -134,10 +135,10 @@ def test_lora_targets_on_a_decoder_leave_out_the_lm_head(decoder):
 
 
 def test_head_modules_are_the_new_head_and_pooler_except_for_sft(classifier, decoder):
-    heads = head_modules(classifier, "classify")
+    heads = Classify.head_modules(classifier)
     assert {"classifier", "pooler"} <= set(heads)
     assert "bert" not in heads
-    assert head_modules(decoder, "sft") == []
+    assert ChatSFT.head_modules(decoder) == []
 
 
 # ----------------------------------------------------------------------------------- apply and merge
@@ -145,7 +146,7 @@ def test_head_modules_are_the_new_head_and_pooler_except_for_sft(classifier, dec
 
 def lora_classifier(classifier):
     torch.manual_seed(0)
-    return apply_lora(classifier, "classify", rank=4, alpha=8, dropout=0.0, target_modules=[])
+    return apply_lora(classifier, Classify, rank=4, alpha=8, dropout=0.0, target_modules=[])
 
 
 def test_apply_lora_trains_adapters_and_the_classifier_only(classifier):
@@ -166,7 +167,7 @@ def test_apply_lora_trains_adapters_and_the_classifier_only(classifier):
 
 
 def test_apply_lora_on_a_decoder_for_sft_has_no_modules_to_save(decoder):
-    model = apply_lora(decoder, "sft", rank=2, alpha=4, dropout=0.0, target_modules=[])
+    model = apply_lora(decoder, ChatSFT, rank=2, alpha=4, dropout=0.0, target_modules=[])
     names = trainable_names(model)
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert len(names) == 2 * 2 * len(LLAMA_BLOCK_LINEARS)
@@ -174,7 +175,7 @@ def test_apply_lora_on_a_decoder_for_sft_has_no_modules_to_save(decoder):
 
 def test_apply_lora_with_unknown_target_modules_is_a_config_error(classifier):
     with pytest.raises(ConfigError, match="lora.target_modules"):
-        apply_lora(classifier, "classify", rank=4, alpha=8, dropout=0.0, target_modules=["no_such_layer"])
+        apply_lora(classifier, Classify, rank=4, alpha=8, dropout=0.0, target_modules=["no_such_layer"])
 
 
 def test_merge_lora_after_a_step_gives_a_plain_model_with_the_same_logits(classifier, bert_folder):
