@@ -143,6 +143,30 @@ def staging_folder(out: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def files_into(out: str | Path) -> Iterator[Path]:
+    """Yield an empty folder inside `out`; what is written there then replaces the same names in `out`.
+
+    For a model written into a run folder that already holds checkpoints/ and logs: a crash while the
+    files are written leaves `out` as it was (the temp folder is removed), never a half-written model.
+    """
+    out = Path(out)
+    temporary = out / f".model-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    for path in temporary.iterdir():
+        target = out / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    temporary.rmdir()
+
+
 @dataclass
 class Manifest:
     """What run.json records about one run of a stage."""

@@ -317,11 +317,12 @@ def _read_table(spec, path, source, stats, strict, fmt) -> Iterator[Document]:
 
 
 def _read_parquet(spec, path, source, stats, strict, fmt) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
-    except Exception as error:  # pyarrow raises several types for a file that is not parquet
+    except (pa.ArrowException, OSError, ValueError) as error:  # not parquet, truncated, unreadable
         raise InputError(f"{path}: not a readable parquet file ({error})") from None
     column = _pick_field(spec, path, parquet.schema_arrow.names)
     is_html = spec.html if spec.html is not None else column == "html"

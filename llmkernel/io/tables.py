@@ -166,11 +166,12 @@ def _read_json(path: Path, text: str) -> Table:
 
 
 def _read_parquet(path: Path) -> Table:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
-    except Exception as error:  # pyarrow raises several types for a file that is not parquet
+    except (pa.ArrowException, OSError, ValueError) as error:  # not parquet, truncated, unreadable
         raise InputError(f"{path}: not a readable parquet file ({error})") from None
     return Table(path, "parquet", table.to_pylist(), list(table.column_names), None)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from tokenizers import models
 
-from llmkernel.errors import InputError
+from llmkernel.errors import InputError, first_line
 
 if TYPE_CHECKING:  # transformers imports torch (~2 s): only the functions that need it import it
     from transformers import PreTrainedTokenizerFast
@@ -30,9 +30,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         KeyError,
         TypeError,
     ) as error:  # what transformers raises for unusable folders
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(
-            f"no loadable tokenizer in {path} ({reason}): the folder needs {EXPECTED_FILES}"
+            f"no loadable tokenizer in {path} ({first_line(error)}): the folder needs {EXPECTED_FILES}"
         ) from None
     if not tokenizer.is_fast:
         raise InputError(

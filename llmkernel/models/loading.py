@@ -116,6 +116,11 @@ def resolve_model(spec: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return cached_gguf_folder(path)
+    if path.is_dir() and (path / "checkpoints").is_dir() and not (path / "run.json").is_file():
+        # pretrain and finetune write run.json last: checkpoints without it are a run that did not finish
+        raise InputError(
+            f"{path} is an unfinished run (checkpoints but no run.json): resume it with --resume"
+        )
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if path.is_dir():

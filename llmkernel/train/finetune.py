@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from llmkernel.runs import (
     Manifest,
     check_writable_parent,
     describe_inputs,
+    files_into,
     fingerprint,
     read_manifest,
     staging_folder,
@@ -41,7 +41,7 @@ from llmkernel.train.adversarial import Adversary
 from llmkernel.train.checkpoint import load_checkpoint, open_output
 from llmkernel.train.compile import compile_decision
 from llmkernel.train.config import RUN_ONLY_FIELDS, FinetuneConfig
-from llmkernel.train.loop import plain_backward, train
+from llmkernel.train.loop import LoopHooks, Start, plain_backward, train
 from llmkernel.train.methods import (
     apply_lora,
     freeze_all_but_top_layers,
@@ -50,7 +50,7 @@ from llmkernel.train.methods import (
     trainable_share,
 )
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.parallel import wrap_for_training
+from llmkernel.train.parallel import full_state_dict, gathered, load_full_state_dict, wrap_for_training
 
 STAGE = "finetune"
 TARGET_STEPS = 800  # default epochs aim at about this many optimizer steps (at least 1, at most 10 epochs)
@@ -156,41 +156,37 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
         optimizer=optimizer,
         scheduler=scheduler,
         config=config.train,
+        grad_clip=config.optim.grad_clip,
         out=out,
-        progress=config.progress,
         run_config=to_dict(config),
         rank_info=rank_info,
-        start_step=start_step,
-        tokens_seen=0,
-        flops_per_token=0,
-        peak_flops=0.0,
-        grad_clip=config.optim.grad_clip,
-        sample=task.sample,
-        backward=backward,
-        on_evaluate=best,
-        extra_state=lambda: {"best": best.state_dict()},
+        progress=config.progress,
+        start=Start(start_step),
+        hooks=LoopHooks(backward, on_evaluate=best, extra_state=lambda: {"best": best.state_dict()}),
     )
     if result.stopped_by in ("SIGINT", "SIGTERM"):
         return {"step": result.step, "stopped_by": result.stopped_by}
 
-    # 4. the best weights, evaluated and saved
-    metrics: dict[str, Any] = {}
-    if rank_info.is_main:
-        best.restore(model)
+    # 4. the best weights, evaluated and saved (collective: every rank gathers and evaluates, rank 0 writes)
+    best.restore(model)
+    weights = full_state_dict(model)  # FSDP: the shards gathered onto rank 0
+    model.eval()
+    with gathered(train_module):
         report = task.final_report(model, rank_info.device, config.train.sample_tokens)
+    metrics: dict[str, Any] = {
+        "step": result.step,
+        "best_step": best.best_step,
+        f"best_{metric}": best.best_value,
+        "train_loss": result.train_loss,
+        "train_samples_per_s": result.samples_seen / max(result.train_seconds, 1e-9),
+        "stopped_by": result.stopped_by,
+        "trainable_parameters": trainable,
+        "parameters": total,
+        **{f"eval_{k}": v for k, v in report.items() if isinstance(v, int | float)},
+    }
+    if rank_info.is_main:
         save_report(out, task, report, title=f"{Path(config.model).name} / {config.method}")
-        save_model(model, tokenizer, out, config.merge)
-        metrics = {
-            "step": result.step,
-            "best_step": best.best_step,
-            f"best_{metric}": best.best_value,
-            "train_loss": result.train_loss,
-            "train_samples_per_s": result.samples_seen / max(result.train_seconds, 1e-9),
-            "stopped_by": result.stopped_by,
-            "trainable_parameters": trainable,
-            "parameters": total,
-            **{f"eval_{k}": v for k, v in report.items() if isinstance(v, int | float)},
-        }
+        save_model(model, tokenizer, out, config.merge, weights)
         shutil.rmtree(out / BEST, ignore_errors=True)
         Manifest(STAGE, to_dict(config), inputs, run_fingerprint, started_at=started, metrics=metrics).write(
             out
@@ -252,7 +248,11 @@ def resolve_defaults(
 
 class BestModel:
     """The loop's `on_evaluate`: keeps the trainable weights of the best evaluation in `folder` and says
-    when `patience` evaluations in a row brought no improvement."""
+    when `patience` evaluations in a row brought no improvement.
+
+    Collective, like the loop's evaluation: every rank calls it and `restore` (FSDP gathers and scatters
+    the weights' shards); rank 0 writes the file, every rank reads it back.
+    """
 
     def __init__(
         self, folder: Path, metric: str, lower_is_better: bool, patience: int, model, rank_info
@@ -279,19 +279,21 @@ class BestModel:
         )
         if better:
             self.best_value, self.best_step, self.bad_evaluations = value, step, 0
+            state = full_state_dict(self.model, trainable_only=True)
             if self.rank_info.is_main:
-                state = {
-                    n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad
-                }
                 with staging_folder(self.folder) as stage:
                     torch.save(state, stage / "state.pt")
+            dist.barrier()  # the file is complete before any rank may read it back
         else:
             self.bad_evaluations += 1
         return bool(self.patience) and self.bad_evaluations >= self.patience
 
     def restore(self, model) -> None:
+        """Put the best evaluation's weights back into `model` (none saved: it keeps its own)."""
         if (self.folder / "state.pt").is_file():
-            model.load_state_dict(torch.load(self.folder / "state.pt", map_location="cpu"), strict=False)
+            load_full_state_dict(
+                model, torch.load(self.folder / "state.pt", map_location="cpu"), strict=False
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -306,29 +308,26 @@ class BestModel:
         self.bad_evaluations = state.get("bad_evaluations", 0)
 
 
-def save_model(model, tokenizer, out: Path, merge: bool) -> None:
+def save_model(
+    model, tokenizer, out: Path, merge: bool, weights: dict[str, torch.Tensor] | None = None
+) -> None:
     """The tuned model as an HF folder in `out` (written to a temp folder, then moved into place).
+
+    `weights`: the model's whole state (`parallel.full_state_dict`), which FSDP's model holds only as shards.
 
     LoRA: the adapter (adapter_config.json, adapter_model.safetensors, with the new head) plus the task
     model's config.json; with `merge`, a plain HF folder and the adapter under adapter/.
     """
-    temporary = out / f".model-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    if is_peft(model):
-        base_config = model.get_base_model().config
-        base_config.architectures = [type(model.get_base_model()).__name__]  # the task class, for loaders
-        if merge:
-            model.save_pretrained(temporary / "adapter")
-            merge_lora(model).save_pretrained(temporary, safe_serialization=True)
+    with files_into(out) as temporary:
+        if is_peft(model):
+            base_config = model.get_base_model().config
+            base_config.architectures = [type(model.get_base_model()).__name__]  # the task class, for loaders
+            if merge:
+                model.save_pretrained(temporary / "adapter")
+                merge_lora(model).save_pretrained(temporary, safe_serialization=True)
+            else:
+                model.save_pretrained(temporary, state_dict=weights)
+                base_config.save_pretrained(temporary)
         else:
-            model.save_pretrained(temporary)
-            base_config.save_pretrained(temporary)
-    else:
-        model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    for path in temporary.iterdir():
-        target = out / path.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(path, target)
-    temporary.rmdir()
+            model.save_pretrained(temporary, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
