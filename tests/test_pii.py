@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections import Counter
 
 import pytest
@@ -277,7 +276,9 @@ def test_spans_are_sorted_and_disjoint() -> None:
 # --- robustness ---------------------------------------------------------------------------------------
 
 
-def test_adversarial_megabyte_finishes_quickly() -> None:
+def test_adversarial_megabyte_masks_consistently() -> None:
+    # Shapes that make a careless regex backtrack catastrophically; the per-test timeout catches a hang and
+    # bench/pii.py measures the speed (about 1 s for all four).
     rng = random.Random(0)
     texts = [
         "".join(rng.choices("0123456789.:", k=1_000_000)),
@@ -285,7 +286,10 @@ def test_adversarial_megabyte_finishes_quickly() -> None:
         "1:" * 500_000,
         "+1 " * 100_000,
     ]
-    started = time.perf_counter()
     for text in texts:
-        DETECTOR.mask(text)
-    assert time.perf_counter() - started < 30  # about 1 s in practice; only catastrophic backtracking fails
+        spans = DETECTOR.find(text)
+        masked, counts = DETECTOR.mask(text)
+        assert all(0 <= a.start < a.end <= b.start for a, b in zip(spans, spans[1:]))
+        assert counts == Counter(span.type for span in spans)
+        kept = len(text) - sum(span.end - span.start for span in spans)
+        assert len(masked) == kept + sum(len(PLACEHOLDERS[span.type]) for span in spans)

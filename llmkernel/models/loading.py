@@ -204,13 +204,24 @@ def load_tokenizer_for(folder: str | Path):
     return tokenizer
 
 
+def tie_output_embeddings(model) -> set[str]:
+    """Tie the output embeddings to the input ones where the config asks; returns the weight names tying
+    provides (they are absent from a tied checkpoint). transformers 5 switches tying off process-wide while
+    a model loads, so a load beside another one can leave them untied."""
+    output, tied = model.get_output_embeddings(), getattr(model, "_tied_weights_keys", None) or {}
+    if output is None or not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    output.weight = model.get_input_embeddings().weight
+    return {name for name in tied if name.endswith(".weight")}
+
+
 def load_model(folder: str | Path, kind: str, *, dtype=None, new_head: dict | None = None):
     """`folder` loaded as a model of `kind` (a key of AUTO_CLASSES), in fp32 unless `dtype` says otherwise.
 
     A LoRA adapter folder (adapter_config.json) is loaded on its base model and merged. `new_head` (the
     label settings: num_labels, id2label, label2id, ...) gives a classifier a fresh head for those labels;
     only then may weights be missing from the folder. Otherwise missing weights, or unexpected ones in a
-    folder saved as this very kind, are a broken folder and an InputError, not a silent random init.
+    folder saved as this very class, are a broken folder and an InputError, not a silent random init.
     """
     import torch
     import transformers
@@ -233,13 +244,14 @@ def load_model(folder: str | Path, kind: str, *, dtype=None, new_head: dict | No
             model, info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
         raise InputError(f"{folder}: cannot load as a {kind} model ({first_line(error)})") from None
-    saved_kind = model_kind(folder)
-    if info["missing_keys"] and not new_head:
+    saved = (read_model_config(folder).get("architectures") or [""])[0]
+    missing = set(info["missing_keys"]) - tie_output_embeddings(model)
+    if missing and not new_head:
         raise InputError(
-            f"{folder}: {len(info['missing_keys'])} weights missing from the folder "
-            f"({', '.join(sorted(info['missing_keys'])[:3])}); the folder is incomplete or not a {kind}"
+            f"{folder}: {len(missing)} weights missing from the folder "
+            f"({', '.join(sorted(missing)[:3])}); the folder is incomplete or not a {kind}"
         )
-    if info["unexpected_keys"] and saved_kind == kind:
+    if info["unexpected_keys"] and saved == type(model).__name__:  # a head dropped on purpose is fine
         raise InputError(
             f"{folder}: {len(info['unexpected_keys'])} weights the {type(model).__name__} does not have "
             f"({', '.join(sorted(info['unexpected_keys'])[:3])}); the folder does not match its config.json"

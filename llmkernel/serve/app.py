@@ -1,9 +1,9 @@
 """The FastAPI app: `create_app(config)` wires the model, security, metrics and alerts into one ASGI app.
 
-Everything a route needs lives in one `Services` object on `app.state.services`, built here and injected;
-nothing is read from module globals, so a process can hold many apps (the tests do). The model loads in
-the background once the app starts: /health answers at once, /ready and the /v1 routes answer 503 until
-the model is loaded and has run one warm-up request.
+Everything a route needs lives in one `Services` object (state.py) on `app.state.services`, built here
+and injected; nothing is read from module globals, so a process can hold many apps (the tests do). The
+model loads in the background once the app starts: /health answers at once, /ready and the /v1 routes
+answer 503 until the model is loaded and has run one warm-up request.
 
 Middleware, outermost first: RequestObserver (request id, drain 503s, metrics, access log), then
 BodySizeLimitMiddleware (413). Routes: /health, /ready, /metrics, /v1/models here; the /v1 model routes
@@ -17,7 +17,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,10 +28,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from llmkernel import __version__
+from llmkernel.models.loading import model_kind, resolve_model
 from llmkernel.serve.alerts import AlertEvaluator, load_rules
 from llmkernel.serve.config import ServeConfig
-from llmkernel.serve.encoders import ROUTES, EncoderModel, MicroBatcher, model_task
+from llmkernel.serve.encoders import EncoderModel, MicroBatcher
 from llmkernel.serve.metrics import Lifecycle, Metrics, RequestObserver
+from llmkernel.serve.routes import router
 from llmkernel.serve.schemas import AUTH_ERRORS, ApiError, Health, ModelCard, ModelList, Readiness
 from llmkernel.serve.security import (
     BodySizeLimitMiddleware,
@@ -43,6 +44,7 @@ from llmkernel.serve.security import (
     require_api_key,
     require_metrics_access,
 )
+from llmkernel.serve.state import Services
 
 log = logging.getLogger("llmkernel.serve")
 EngineFactory = Callable[[Path, ServeConfig], Any]
@@ -64,80 +66,18 @@ def default_engine_factory(model_dir: Path, config: ServeConfig) -> Any:
     )
 
 
-@dataclass
-class Services:
-    """What the routes use: config, the loaded model, security, metrics and the server's lifecycle."""
-
-    config: ServeConfig
-    model_dir: Path
-    model_name: str
-    task: str
-    keys: KeyStore | None
-    limiter: RateLimiter
-    masker: PiiMasker
-    metrics: Metrics
-    lifecycle: Lifecycle
-    created: int
-    engine: Any = None  # GenerationEngine for decoders
-    encoder: EncoderModel | None = None
-    batcher: MicroBatcher | None = None
-    load_error: str | None = None
-    on_fatal: Callable[[], None] | None = None  # set by server.py: stop the server if loading fails
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer if self.engine is not None else self.encoder.tokenizer
-
-    @property
-    def context_length(self) -> int:
-        return self.engine.max_model_len if self.engine is not None else self.encoder.max_length
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        limit = self.context_length - (1 if self.engine is not None else 0)  # room for one new token
-        return min(limit, self.config.max_prompt_tokens) if self.config.max_prompt_tokens else limit
-
-    def require(self, route: str, model: str | None) -> None:
-        """Raise the ApiError for a request to `route` naming `model` that this server cannot answer now."""
-        if route not in ROUTES[self.task]:
-            served = ", ".join(ROUTES[self.task])
-            raise ApiError(
-                400,
-                f"{route} needs {_NEEDS[route]} model; '{self.model_name}' is a {self.task} model "
-                f"and serves {served}",
-            )
-        if model is not None and model != self.model_name:
-            raise ApiError(
-                404,
-                f"model '{model}' is not served here; this server serves '{self.model_name}'",
-                param="model",
-            )
-        if self.lifecycle.status != "ready":
-            raise ApiError(
-                503, f"the model is {self.lifecycle.status}; retry shortly", headers={"Retry-After": "5"}
-            )
-
-
-_NEEDS = {
-    "/v1/completions": "a decoder (*ForCausalLM)",
-    "/v1/chat/completions": "a decoder (*ForCausalLM)",
-    "/v1/embeddings": "an encoder (BertModel, sentence-transformers, *ForSequenceClassification)",
-    "/v1/classify": "a sequence classification (*ForSequenceClassification)",
-    "/v1/ner": "a token classification (*ForTokenClassification)",
-}
-
 # ---------------------------------------------------------------------------------------- model loading
 
 
 def _load_model(services: Services, engine_factory: EngineFactory) -> None:
     """Load the weights (blocking; runs on a worker thread); encoders also run one warm-up pass."""
     config = services.config
-    if services.task == "generate":
+    if services.kind == "decoder":
         services.engine = engine_factory(services.model_dir, config)
         services.engine.start()
     else:
         services.encoder = EncoderModel(
-            services.model_dir, services.task, device=config.device, max_batch_size=config.max_batch_size
+            services.model_dir, services.kind, device=config.device, max_batch_size=config.max_batch_size
         )
         getattr(services.encoder, services.task)(["warm up"])
 
@@ -220,9 +160,6 @@ def create_app(
     `keys` default to the file `config.api_keys` names (None: no auth); `engine_factory` builds the
     generation engine for decoder folders; `clock` drives the rate limits (tests pass a fake one).
     """
-    from llmkernel.models.loading import resolve_model
-    from llmkernel.serve.routes import router
-
     model_dir = Path(model_dir) if model_dir is not None else resolve_model(config.model)
     if keys is None and config.api_keys:
         keys = KeyStore.load(config.api_keys)
@@ -233,7 +170,7 @@ def create_app(
         config=config,
         model_dir=model_dir,
         model_name=config.served_model_name or _default_model_name(config.model),
-        task=model_task(model_dir),
+        kind=model_kind(model_dir),
         keys=keys,
         limiter=RateLimiter(config.requests_per_minute, config.tokens_per_minute, keys, clock),
         masker=PiiMasker(config.pii_types),
@@ -371,7 +308,7 @@ def _core_routes() -> Any:
             id=services.model_name,
             created=services.created,
             task=services.task,
-            routes=ROUTES[services.task],
+            routes=services.routes,
             max_model_len=services.context_length if services.lifecycle.status == "ready" else None,
         )
         return ModelList(data=[card])

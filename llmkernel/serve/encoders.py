@@ -1,16 +1,13 @@
 """Encoder models behind /v1/embeddings, /v1/classify and /v1/ner, and the micro-batcher that feeds them.
 
-What a folder serves follows its config.json `architectures`:
-
-  *ForCausalLM               -> generate  (/v1/completions, /v1/chat/completions; the engine runs these)
-  *ForSequenceClassification -> classify  (/v1/classify, and /v1/embeddings from its encoder)
-  *ForTokenClassification    -> ner       (/v1/ner)
-  any other (BertModel, sentence-transformers such as all-MiniLM-L6-v2, *ForMaskedLM) -> embed
+A folder is loaded as its own kind (`model_kind`: encoder, masked_lm, classifier or token_classifier)
+through the one loader, `llmkernel.models.loading.load_model`; which routes each kind serves is in
+state.py.
 
 Embeddings are the mean of the last hidden states over the real (unpadded) tokens, L2-normalised, as
-sentence-transformers does for all-MiniLM-L6-v2. Decoders do not serve embeddings: mean-pooled hidden states
-of a causal LM are poor sentence vectors, and serving them would need a second copy of the weights beside
-the generation engine's.
+sentence-transformers does for all-MiniLM-L6-v2; models with a head embed with their encoder (`base_model`).
+Decoders do not serve embeddings: mean-pooled hidden states of a causal LM are poor sentence vectors, and
+serving them would need a second copy of the weights beside the generation engine's.
 
 Micro-batching: requests wait up to `window_s` (a few ms) in a queue; everything gathered by then, up to
 `max_batch_size` texts, shares one forward pass on one worker thread, and each request's future gets its
@@ -20,7 +17,6 @@ slice of the results. Under load this turns many one-text requests into a few fu
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,61 +25,25 @@ from typing import Any
 
 import torch
 
-from llmkernel.errors import InputError
-from llmkernel.models.loading import LOAD_LOCK
+from llmkernel.models.loading import load_model, load_tokenizer_for
 
-TASKS = ("generate", "embed", "classify", "ner")
-ROUTES = {
-    "generate": ["/v1/completions", "/v1/chat/completions"],
-    "embed": ["/v1/embeddings"],
-    "classify": ["/v1/classify", "/v1/embeddings"],
-    "ner": ["/v1/ner"],
-}
-
-
-def model_task(model_dir: str | Path) -> str:
-    """Which of TASKS a model folder serves, from the `architectures` in its config.json."""
-    config_file = Path(model_dir) / "config.json"
-    try:
-        architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"{config_file}: cannot read the model config ({error})") from None
-    name = architectures[0] if architectures else ""
-    if name.endswith("ForCausalLM"):
-        return "generate"
-    if name.endswith("ForSequenceClassification"):
-        return "classify"
-    if name.endswith("ForTokenClassification"):
-        return "ner"
-    return "embed"
+ENCODER_KINDS = ("encoder", "masked_lm", "classifier", "token_classifier")
+LABELLED_KINDS = ("classifier", "token_classifier")  # kinds whose head has labels (config.id2label)
 
 
 class EncoderModel:
-    """A BERT-style model folder loaded for one task, with batched embed / classify / ner functions."""
+    """A BERT-style model folder loaded as its kind, with batched embed / classify / ner functions."""
 
-    def __init__(self, model_dir: str | Path, task: str, *, device: str = "cpu", max_batch_size: int = 16):
-        from transformers import (
-            AutoModel,
-            AutoModelForSequenceClassification,
-            AutoModelForTokenClassification,
-            AutoTokenizer,
-        )
-
-        loaders = {
-            "embed": AutoModel,
-            "classify": AutoModelForSequenceClassification,
-            "ner": AutoModelForTokenClassification,
-        }
-        if task not in loaders:
-            raise ValueError(f"EncoderModel serves {', '.join(loaders)}, not {task!r}")
-        self.task = task
+    def __init__(self, model_dir: str | Path, kind: str, *, device: str = "cpu", max_batch_size: int = 16):
+        if kind not in ENCODER_KINDS:
+            raise ValueError(f"EncoderModel serves {', '.join(ENCODER_KINDS)} models, not {kind!r}")
+        self.kind = kind
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
-        with LOAD_LOCK:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = loaders[task].from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        self.tokenizer = load_tokenizer_for(model_dir)
+        self.model = load_model(model_dir, kind).to(self.device).eval()
         config = self.model.config
-        self.labels = [config.id2label[i] for i in range(config.num_labels)] if task != "embed" else []
+        self.labels = [config.id2label[i] for i in range(config.num_labels)] if kind in LABELLED_KINDS else []
         limits = [getattr(config, "max_position_embeddings", 512), self.tokenizer.model_max_length]
         self.max_length = min(int(limit) for limit in limits if limit)
 
@@ -110,7 +70,7 @@ class EncoderModel:
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Mean-pooled, L2-normalised last hidden states, one vector per text."""
         results: list[list[float]] = [[] for _ in texts]
-        encoder = self.model if self.task == "embed" else self.model.base_model
+        encoder = self.model.base_model  # the model itself for a bare encoder (BertModel)
         for batch in self._batches(texts):
             encoded = self._encode([texts[i] for i in batch]).to(self.device)
             hidden = encoder(**encoded).last_hidden_state  # (batch, seq, hidden)

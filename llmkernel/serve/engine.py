@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from llmkernel.models.loading import LOAD_LOCK
+from llmkernel.models.loading import load_model, load_tokenizer_for, resolve_model
 from llmkernel.serve.decoder import HFDecoder, LlamaDecoder, PrefillChunk, Step, supports_fast_path
 from llmkernel.serve.quantize import QUANTIZE_MODES
 
@@ -225,9 +225,7 @@ class GenerationEngine:
         seed: int = 0,
         num_threads: int | None = None,
     ) -> None:
-        from transformers import AutoConfig, AutoTokenizer
-
-        from llmkernel.models.loading import resolve_model
+        from transformers import AutoConfig
 
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
@@ -237,7 +235,7 @@ class GenerationEngine:
             raise ValueError("need max_batch_size >= 1 and max_num_batched_tokens >= max_batch_size")
         self.model_dir = resolve_model(model_dir)
         self.config = AutoConfig.from_pretrained(self.model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = load_tokenizer_for(self.model_dir)
         self.model_name = self.model_dir.name
         limit = getattr(self.config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
         if max_model_len is not None and max_model_len > limit:
@@ -263,17 +261,10 @@ class GenerationEngine:
 
     def start(self) -> None:
         """Load the model, warm it up and start the scheduler thread (blocking; call it from any thread)."""
-        from transformers import AutoModelForCausalLM
-
         if self._thread is not None:
             return
         torch.set_num_threads(self.num_threads)
-        with LOAD_LOCK:
-            hf_model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        if getattr(self.config, "tie_word_embeddings", False):
-            # Tie ourselves: transformers 5 disables tying during loading by patching a class-wide method,
-            # and two models loading at once in one process can leave it disabled (lm_head left on meta).
-            hf_model.get_output_embeddings().weight = hf_model.get_input_embeddings().weight
+        hf_model = load_model(self.model_dir, "decoder")  # ties the output embeddings itself
         if any(p.is_meta for p in hf_model.parameters()):
             raise RuntimeError(
                 f"{self.model_dir}: some weights were not loaded (still on the meta device); was another "

@@ -20,7 +20,6 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from llmkernel.serve.app import Services
 from llmkernel.serve.schemas import (
     MODEL_ERRORS,
     ApiError,
@@ -46,6 +45,7 @@ from llmkernel.serve.schemas import (
     Usage,
 )
 from llmkernel.serve.security import limit_request_rate, rate_limited
+from llmkernel.serve.state import Services
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 KeyName = Annotated[str, Depends(limit_request_rate)]

@@ -18,10 +18,11 @@ from types import FrameType
 import uvicorn
 
 from llmkernel.errors import InputError
-from llmkernel.serve.app import Services, create_app
+from llmkernel.serve.app import create_app
 from llmkernel.serve.config import ServeConfig
 from llmkernel.serve.metrics import Lifecycle
 from llmkernel.serve.security import PiiMasker
+from llmkernel.serve.state import Services
 
 
 class JsonLines(logging.Formatter):

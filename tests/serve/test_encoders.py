@@ -1,28 +1,43 @@
-"""Encoder routes on tiny BERTs: task detection, embeddings, classify, ner, micro-batching, wrong routes."""
+"""Encoder routes on tiny BERTs: serving modes, embeddings, classify, ner, micro-batching, wrong routes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import shutil
 import threading
 
 import numpy as np
 import pytest
+import torch
 
-from llmkernel.serve.encoders import EncoderModel, MicroBatcher, merge_bio, model_task
+from llmkernel.models.loading import model_kind
+from llmkernel.serve.encoders import EncoderModel, MicroBatcher, merge_bio
+from llmkernel.serve.state import ROUTES, SERVING_MODES
 from tests.serve.conftest import running_client
 
 
-def test_model_task_follows_architectures(tmp_path, bert_dir, classifier_dir, ner_dir, llama_dir):
-    assert [model_task(d) for d in (bert_dir, classifier_dir, ner_dir, llama_dir)] == [
-        "embed",
-        "classify",
-        "ner",
-        "generate",
-    ]
+def test_serving_mode_follows_the_model_kind(tmp_path, bert_dir, classifier_dir, ner_dir, llama_dir):
+    modes = [SERVING_MODES[model_kind(d)] for d in (bert_dir, classifier_dir, ner_dir, llama_dir)]
+    assert modes == ["embed", "classify", "ner", "generate"]
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
-    assert model_task(tmp_path) == "embed"
+    assert SERVING_MODES[model_kind(tmp_path)] == "embed"
+    assert set(SERVING_MODES.values()) == set(ROUTES)  # every mode has its routes
+
+
+def test_a_masked_lm_folder_serves_embeddings_from_its_encoder(tmp_path, bert_dir):
+    from transformers import AutoConfig, BertForMaskedLM
+
+    for tokenizer_file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bert_dir / tokenizer_file, tmp_path)
+    torch.manual_seed(0)
+    BertForMaskedLM(AutoConfig.from_pretrained(bert_dir)).save_pretrained(tmp_path)  # no pooler weights
+    with running_client(tmp_path) as client:
+        card = client.get("/v1/models").json()["data"][0]
+        assert (card["task"], card["routes"]) == ("embed", ["/v1/embeddings"])
+        vector = client.post("/v1/embeddings", json={"input": "hello world"}).json()["data"][0]["embedding"]
+        assert len(vector) == 32 and np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_merge_bio_joins_tags_into_spans():
@@ -47,7 +62,7 @@ def test_merge_bio_joins_tags_into_spans():
 
 
 def test_embeddings_are_normalised_and_independent_of_batching(bert_dir):
-    encoder = EncoderModel(bert_dir, "embed", max_batch_size=2)
+    encoder = EncoderModel(bert_dir, "encoder", max_batch_size=2)
     texts = ["hello world", "alice lives in paris and bob works in berlin", "the"]
     together = np.array(encoder.embed(texts))
     alone = np.array([encoder.embed([t])[0] for t in texts])

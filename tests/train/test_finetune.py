@@ -1,4 +1,4 @@
-"""`llmk finetune` and `llmk evaluate` on tiny random models: outputs, methods, resume, errors."""
+"""`llmk finetune` on tiny random models: outputs, methods, resume, label names, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmkernel.config import build
-from llmkernel.errors import InputError
+from llmkernel.errors import UserError
 from llmkernel.eval.config import EvaluateConfig
 from llmkernel.eval.evaluate import evaluate
 from llmkernel.train.config import FinetuneConfig
@@ -125,29 +125,6 @@ def test_classify_through_the_cli_then_evaluate_with_an_attack(bert_dir, classif
     evaluated = run_llmk("evaluate", str(out), "--data", dev, "--attack", "typo", "--attack-rate", "0.5")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "attacked" in evaluated.stdout
-
-
-def test_evaluate_is_reproducible_and_hotflip_hurts(bert_dir, classify_files, tmp_path):
-    train, dev = classify_files
-    out = tmp_path / "tuned"
-    finetune(_config(bert_dir, train, dev, out))
-    documents = []
-    for attack in ("typo", "typo", "hotflip"):
-        config = build(
-            EvaluateConfig,
-            {
-                "model": str(out),
-                "data": dev,
-                "attack": attack,
-                "attack_rate": 0.5,
-                "out": str(tmp_path / attack),
-            },
-        )
-        documents.append(evaluate(config))
-    typo, typo_again, flipped = documents
-    assert typo["attack"]["accuracy"] == typo_again["attack"]["accuracy"]  # seeded
-    assert flipped["attack"]["accuracy"] < flipped["accuracy"]
-    assert json.loads((tmp_path / "hotflip" / "eval.json").read_text())["attack"]["kind"] == "hotflip"
 
 
 @pytest.mark.parametrize("method", ["top_layers", "lora"])
@@ -320,19 +297,6 @@ def test_sft_lora_learns_the_replies_and_merges(tmp_path):
     assert report["samples"] and "reply" in report["samples"][0]
 
 
-def test_evaluate_lm_bits_per_byte(tmp_path):
-    llama = make_tiny_llama(tmp_path / "llama")
-    text = tmp_path / "text.txt"
-    text.write_text("Hello world, the quick brown fox jumps over the lazy dog.\n" * 20)
-    document = evaluate(
-        build(EvaluateConfig, {"model": str(llama), "data": str(text), "out": str(tmp_path / "e")})
-    )
-    assert document["task"] == "lm" and 0 < document["bits_per_byte"] < 20
-    assert document["perplexity"] == pytest.approx(2.718281828 ** document["loss"], rel=1e-6)
-    with pytest.raises(InputError, match="--attack applies to classify and ner"):
-        evaluate(build(EvaluateConfig, {"model": str(llama), "data": str(text), "attack": "typo"}))
-
-
 # ------------------------------------------------------------------------------------------- bad input
 
 
@@ -366,3 +330,14 @@ def test_bad_input_is_one_line_and_exit_2(bert_dir, classify_files, tmp_path):
     (not_a_model / "config.json").write_text("{}")
     assert "not-a-model" in _fails("finetune", "classify", "--model", str(not_a_model), "--data.train", train)
     assert not (tmp_path / "out").exists()
+
+
+def test_label_names_name_integer_labels(bert_dir, tmp_path):
+    rows = [(text, "1" if label == "positive" else "0") for text, label in _classify_rows(80, 3)]
+    train = _write_tsv(tmp_path / "train.tsv", rows)
+    out = tmp_path / "named"
+    finetune(_config(bert_dir, train, None, out, epochs=1, data={"label_names": ["negative", "positive"]}))
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    with pytest.raises(UserError, match="data.label_names: 3 names for 2 labels"):
+        finetune(_config(bert_dir, train, None, tmp_path / "x", data={"label_names": ["a", "b", "c"]}))
