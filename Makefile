@@ -31,6 +31,7 @@ bench: setup  ## benchmark scripts; each prints one JSON line
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/pii.py
 
 lint: setup
 	$(BIN)/ruff check llmkernel tests bench

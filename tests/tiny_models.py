@@ -24,26 +24,39 @@ CORPUS = [
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
 
-def make_tiny_llama(folder: Path) -> Path:
-    """A 2-layer LlamaForCausalLM (width 32) with a 320-token byte-level BPE tokenizer."""
+def tiny_llama(vocab_size: int, width: int = 32, layers: int = 2, **overrides):
+    """A seeded random LlamaForCausalLM: `layers` blocks of `width`, 4 heads over 2 KV heads, SwiGLU 2x."""
     from transformers import LlamaForCausalLM
 
-    # the product's own byte-level BPE trainer: ChatML template, <|endoftext|> as eos
-    tokenizer = train_tokenizer(CORPUS, TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=1), folder)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+    settings = {
+        "vocab_size": vocab_size,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        **overrides,
+    }
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+def make_tiny_llama(
+    folder: Path, width: int = 32, tokenizer_corpus: list[str] = CORPUS, vocab_size: int = 320
+) -> Path:
+    """A 2-layer LlamaForCausalLM folder (width 32) with a byte-level BPE tokenizer of `vocab_size` tokens."""
+    # the product's own byte-level BPE trainer: ChatML template, <|endoftext|> as eos
+    config = TokenizerConfig(kind="bpe", vocab_size=vocab_size, min_frequency=1)
+    tokenizer = train_tokenizer(tokenizer_corpus, config, folder)
+    model = tiny_llama(
+        len(tokenizer),
+        width,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)  # next to the tokenizer train_tokenizer saved
+    model.save_pretrained(folder)  # next to the tokenizer train_tokenizer saved
     return folder
 
 

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from llmkernel.serve.decoder import HFDecoder, LlamaDecoder, PrefillChunk, Step, supports_fast_path
+from tests.tiny_models import tiny_llama
 
 VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(VOCAB, width=64, max_position_embeddings=512)
 
 
 def reference(model, ids: list[int]) -> torch.Tensor:
@@ -89,18 +80,7 @@ def test_quantized_logits_stay_close_to_fp32(llama, quantize: str, tolerance: fl
 
 
 def test_biases_are_fused_too() -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(VOCAB, layers=1, max_position_embeddings=2048, attention_bias=True, mlp_bias=True)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith(".bias"):

@@ -21,6 +21,7 @@ from transformers import (
 from llmkernel.data.config import TokenizerConfig
 from llmkernel.data.tokenizer import train_tokenizer
 from llmkernel.serve.engine import GenerationEngine, SamplingParams, TextStream, _sample
+from tests.tiny_models import make_tiny_llama
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -36,22 +37,10 @@ def save_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = save_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    """A 2-layer width-64 decoder with a 300-token tokenizer (so multi-byte characters span several tokens)."""
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama"), width=64, tokenizer_corpus=SENTENCES, vocab_size=300
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
