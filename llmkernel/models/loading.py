@@ -119,7 +119,7 @@ def resolve_model(spec: str | Path) -> Path:
     if path.is_dir() and (path / "checkpoints").is_dir() and not (path / "run.json").is_file():
         # pretrain and finetune write run.json last: checkpoints without it are a run that did not finish
         raise InputError(
-            f"{path} is an unfinished run (checkpoints but no run.json): resume it with --resume"
+            f"{path}: unfinished run (checkpoints but no run.json): resume it with --resume"
         )
     if path.is_dir() and (path / "config.json").is_file():
         return path
