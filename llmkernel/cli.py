@@ -1,129 +1,82 @@
-"""`llmk`: one subcommand per stage, each built from that stage's config dataclass.
+"""`llmk`: one subcommand per stage of `stages.py`, each built from that stage's config dataclass.
 
 Every stage accepts `--config recipe.yaml` and `--section.field value` overrides; `llmk STAGE --help` lists
-every field with its default. User errors print one line and exit with code 2; Ctrl-C exits with 130
-and leaves no half-written output.
+every field with its default. A stage's flags are added only when that stage is parsed or its help shown,
+so `llmk --help` imports no stage (and no torch). A mistyped command, choice or flag prints that command's
+usage and the closest valid spelling. User errors print one line and exit with code 2; Ctrl-C exits with
+130 and leaves no half-written output.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 from llmkernel import __version__
 from llmkernel.config import add_config_arguments, config_from_args
 from llmkernel.errors import EXIT_USER_ERROR, UserError
+from llmkernel.stages import STAGES, Stage
 
 
-@dataclass
-class Stage:
-    name: str
-    summary: str
-    config_class: Callable[[], type]  # imported lazily so `llmk --help` stays fast
-    run: Callable[[Any], Any]
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """The suffix `; did you mean X?` naming the closest candidate to a misspelled `word` ("" if none is close)."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
 
 
-def _prepare_config() -> type:
-    from llmkernel.data.config import PrepareConfig
+class Parser(argparse.ArgumentParser):
+    """argparse with suggestions, and a stage's flags added on first use (`stage`)."""
 
-    return PrepareConfig
+    def __init__(self, *args: Any, stage: Stage | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        self._config_added = stage is None
 
+    def _add_config(self) -> None:
+        if not self._config_added:
+            self._config_added = True
+            add_config_arguments(self, self.stage.config_class())
 
-def _run_prepare(config: Any) -> None:
-    from llmkernel.data.pipeline import prepare
+    def parse_known_args(
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._add_config()
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:
+            # Nothing parses after a leaf command: report its extras here, under its own usage (argparse
+            # would hand them up and report them under `llmk`'s usage, naming no command).
+            flag = next((e.split("=", 1)[0] for e in extras if e.startswith("--")), "")
+            flags = [o for o in self._option_string_actions if o.startswith("--")]
+            self.error(
+                f"unrecognized arguments: {' '.join(extras)}{did_you_mean(flag, flags) if flag else ''}"
+            )
+        return namespace, extras
 
-    return prepare(config)
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """An invalid command or choice names the closest one (`llmk pretrian`: did you mean pretrain?)."""
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            suggestion = did_you_mean(value, map(str, action.choices)) if isinstance(value, str) else ""
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r} (choose from {choices}){suggestion}"
+            )
 
+    def format_usage(self) -> str:
+        self._add_config()
+        return super().format_usage()
 
-def _pretrain_config() -> type:
-    from llmkernel.train.config import PretrainConfig
-
-    return PretrainConfig
-
-
-def _run_pretrain(config: Any) -> None:
-    from llmkernel.train.pretrain import pretrain
-
-    return pretrain(config)
-
-
-def _serve_config() -> type:
-    from llmkernel.serve.config import ServeConfig
-
-    return ServeConfig
-
-
-def _run_serve(config: Any) -> None:
-    from llmkernel.serve.server import serve
-
-    serve(config)
-
-
-def _finetune_config() -> type:
-    from llmkernel.train.config import FinetuneConfig
-
-    return FinetuneConfig
-
-
-def _run_finetune(config: Any) -> None:
-    from llmkernel.train.finetune import finetune
-
-    return finetune(config)
-
-
-def _evaluate_config() -> type:
-    from llmkernel.eval.evaluate import EvaluateConfig
-
-    return EvaluateConfig
-
-
-def _run_evaluate(config: Any) -> None:
-    from llmkernel.eval.evaluate import evaluate
-
-    return evaluate(config)
-
-
-STAGES = [
-    Stage(
-        "prepare",
-        "raw files -> clean text, a trained tokenizer and train/val token shards",
-        _prepare_config,
-        _run_prepare,
-    ),
-    Stage(
-        "serve",
-        "serve a model folder over HTTP: OpenAI-compatible routes, API keys, rate limits, metrics",
-        _serve_config,
-        _run_serve,
-    ),
-    Stage(
-        "pretrain",
-        "token shards -> a decoder (clm) or an encoder (mlm), from scratch or continued",
-        _pretrain_config,
-        _run_pretrain,
-    ),
-    Stage(
-        "finetune",
-        "adapt a model to classify / ner / sft data: full, top_layers or LoRA, optionally adversarial",
-        _finetune_config,
-        _run_finetune,
-    ),
-    Stage(
-        "evaluate",
-        "metrics of a model on a data file (report, confusion matrix, entity F1, perplexity), clean and attacked",
-        _evaluate_config,
-        _run_evaluate,
-    ),
-]
+    def format_help(self) -> str:
+        self._add_config()
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="llmk",
         description="LLM Kernel: raw text to a served, monitored and secured language model.",
         epilog="Run `llmk STAGE --help` for every option of a stage. `llmk demo` runs the embedded example.",
@@ -131,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmk {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for stage in STAGES:
-        sub = commands.add_parser(stage.name, help=stage.summary, description=stage.summary)
-        add_config_arguments(sub, stage.config_class())
+        sub = commands.add_parser(stage.name, help=stage.summary, description=stage.summary, stage=stage)
         sub.set_defaults(stage=stage)
     demo = commands.add_parser(
         "demo", help="run the pipeline on an embedded corpus (CPython's own docs), no download"
@@ -140,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
     demo.add_argument("--force", action="store_true", help="run again even when the outputs are up to date")
     demo.set_defaults(stage=None, command="demo")
+    recipe_stages = ", ".join(stage.name for stage in STAGES if stage.in_recipes)
     run = commands.add_parser("run", help="run the stages of a YAML recipe in order (e.g. recipes/demo.yaml)")
-    run.add_argument("recipe", help="YAML file with one section per stage: prepare, ...")
+    run.add_argument(
+        "recipe", help=f"YAML file with one section per stage, run in this order: {recipe_stages}"
+    )
     run.add_argument(
         "--force", action="store_true", help="run every stage even when its outputs are up to date"
     )

@@ -29,10 +29,16 @@ _MISSING = dataclasses.MISSING
 
 
 def option(
-    default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, positional: bool = False
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    factory: Any = _MISSING,
+    positional: bool = False,
+    choices: tuple[str, ...] | None = None,
 ) -> Any:
-    """A config field with its help text. `factory` builds mutable defaults (lists, sections)."""
-    metadata = {"help": help, "positional": positional}
+    """A config field with its help text. `factory` builds mutable defaults (lists, sections); no default
+    and no factory makes the field required. `choices` lists the values the CLI accepts (and suggests)."""
+    metadata = {"help": help, "positional": positional, "choices": choices}
     if factory is not _MISSING:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -155,12 +161,20 @@ def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") ->
             value = {**section_defaults, **value}
         kwargs[name] = _convert(value, hints[name], prefix + name)
     for name, f in fields.items():
-        if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
-            raise ConfigError(f"{prefix}{name}: a value is required")
+        if name not in kwargs and _required(f):
+            choices = f.metadata.get("choices")
+            raise ConfigError(
+                f"{prefix}{name}: a value is required"
+                + (f" (one of {', '.join(choices)})" if choices else "")
+            )
     try:
         return cls(**kwargs)
     except ConfigError as error:
         raise ConfigError(f"{prefix}{error}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is _MISSING and f.default_factory is _MISSING
 
 
 def _section_defaults(f: dataclasses.Field, tp: Any) -> dict[str, Any] | None:
@@ -201,6 +215,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class _Choices(tuple):
+    """The choices of an optional positional. Python 3.11's argparse checks even an absent positional's
+    default (SUPPRESS) against its choices (fixed in 3.12), so SUPPRESS counts as one."""
+
+    def __contains__(self, value: object) -> bool:
+        return value == argparse.SUPPRESS or super().__contains__(value)
+
+
 def _walk(cls: type, prefix: str = "", instance: Any = None):
     """Yield (dotted name, field, type, section class, default) for every leaf field of `cls`, sections
     flattened. A section's defaults come from its field's factory (`instance`), else from its class."""
@@ -229,20 +251,34 @@ def _escape(help_text: str) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add `--config` and one flag per config field (dotted for sections, grouped by section) to `parser`."""
+    """Add `--config` and one flag per config field (dotted for sections, grouped by section) to `parser`.
+
+    The usage line is short (positionals, `--config`, `--section.field VALUE ...`): a stage has dozens of
+    flags, and an error should show its one line under the usage, not below forty lines of flags. A required
+    positional (a field without a default) shows without brackets; it may still come from the `--config`
+    file, so argparse itself treats it as optional and `config_from_args` reports it missing.
+    """
     parser.formatter_class = _HelpFormatter
     parser.add_argument(
         "--config", metavar="YAML", help="YAML file with any of the fields below; flags override it"
     )
+    usage = ["%(prog)s", "[-h]"]
     groups: dict[str, argparse._ArgumentGroup] = {}
     for dotted, f, tp, section, default in _walk(cls):
         help_text = f.metadata.get("help", "") or " "
         inner, _ = _unwrap_optional(tp)
         is_list = typing.get_origin(inner) is list
+        choices = f.metadata.get("choices")
         if f.metadata.get("positional"):
-            parser.add_argument(
-                dotted, nargs="*" if is_list else "?", default=argparse.SUPPRESS, help=_escape(help_text)
+            action = parser.add_argument(
+                dotted,
+                nargs="*" if is_list else "?",
+                default=argparse.SUPPRESS,
+                choices=_Choices(choices) if choices else None,
+                help=_escape(f"{help_text}; required" if _required(f) else help_text),
             )
+            name = "{" + ",".join(choices) + "}" if choices else action.dest
+            usage.append(name if _required(f) else f"[{name} ...]" if is_list else f"[{name}]")
             continue
         group_name = dotted.rpartition(".")[0]
         if group_name and group_name not in groups:
@@ -259,10 +295,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif is_list:
             kwargs.update(nargs="*")
+        elif choices:
+            kwargs.update(choices=choices, metavar="{" + ",".join(choices) + "}")
         names = [f"--{dotted}"]
         if "_" in dotted:  # --api-keys and --api_keys both work
             names.append(f"--{dotted.replace('_', '-')}")
         target.add_argument(*names, **kwargs)
+    parser.usage = " ".join([*usage, "[--config YAML]", "[--section.field VALUE ...]"])
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -286,7 +325,12 @@ def config_from_args(cls: type[T], args: argparse.Namespace, stage: str | None =
     data = load_yaml(values["config"]) if values.get("config") else {}
     if stage and isinstance(data.get(stage), dict) and stage not in _field_types(cls):
         data = data[stage]
-    for dotted, *_ in _walk(cls):
+    for dotted, f, *_ in _walk(cls):
         if dotted in values:
             _set_dotted(data, dotted, values[dotted])
+        elif f.metadata.get("positional") and _required(f) and dotted not in data:
+            choices = f.metadata.get("choices")
+            value = "|".join(choices) if choices else dotted.upper()
+            command = f"llmk {stage} {value} ..." if stage else value
+            raise ConfigError(f"{dotted}: required as the first argument: `{command}`")
     return build(cls, data)

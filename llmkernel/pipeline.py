@@ -1,8 +1,10 @@
 """`llmk run RECIPE.yaml` and `llmk demo`: chain the stages, each reading the folder the previous one wrote.
 
-A recipe has one section per stage, in pipeline order (prepare, then later stages as they land); each
-section holds that stage's config fields. `llmk demo` is the same thing on an embedded recipe whose input
-is the documentation every CPython ships, so it runs anywhere with no download.
+A recipe has one section per stage; each section holds that stage's config fields, and the sections run in
+the order of `stages.py` (prepare, pretrain, finetune, evaluate), whatever their order in the file. `serve`
+runs until stopped, so a recipe does not chain it. `llmk demo` is the same thing on an embedded recipe
+whose input is the documentation every CPython ships, so it runs anywhere with no download, and then
+explains what each stage wrote.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ from typing import Any
 
 from llmkernel.config import build, load_yaml
 from llmkernel.errors import ConfigError
-
-STAGE_ORDER = ("prepare", "pretrain", "finetune", "evaluate")  # recipe sections run in this order
+from llmkernel.stages import RECIPE_STAGES, STAGES, stage
 
 # The embedded demo; recipes/demo.yaml holds the same recipe (a test keeps them equal).
 DEMO_RECIPE: dict[str, Any] = {
@@ -42,34 +43,53 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
-def _stage(name: str):
-    from llmkernel.cli import STAGES  # the one registry of stages and their config classes
-
-    return next(stage for stage in STAGES if stage.name == name)
-
-
-def _stage_config(stage: str, section: dict[str, Any], force: bool) -> Any:
+def stage_config(name: str, section: dict[str, Any], force: bool = False) -> Any:
+    """The config of recipe section `name` (`--force` of `llmk run` applies to every stage that has one)."""
     if not isinstance(section, dict):
-        raise ConfigError(f"{stage}: expected a mapping of config fields")
-    config_class = _stage(stage).config_class()
-    if "force" in {f.name for f in dataclasses.fields(config_class)}:  # evaluate always runs
+        raise ConfigError(f"{name}: expected a mapping of config fields")
+    config_class = stage(name).config_class()
+    if "force" in {f.name for f in dataclasses.fields(config_class)}:
         section = {**section, "force": force or section.get("force", False)}
-    return build(config_class, section, prefix=f"{stage}.")
+    return build(config_class, section, prefix=f"{name}.")
 
 
-def _run_stage(stage: str, config: Any) -> dict[str, Any]:
-    return _stage(stage).run(config)
+def check_sections(recipe: dict[str, Any]) -> None:
+    """Every section of `recipe` names a stage that a recipe chains, and there is at least one."""
+    known = ", ".join(RECIPE_STAGES)
+    for name in recipe:
+        if name in RECIPE_STAGES:
+            continue
+        if name in {entry.name for entry in STAGES}:
+            raise ConfigError(
+                f"recipe section '{name}': `llmk run` does not chain {name}; run `llmk {name} --config RECIPE` "
+                f"after it (a recipe chains {known})"
+            )
+        raise ConfigError(f"unknown recipe section '{name}'; known stages: {known}")
+    if not recipe:
+        raise ConfigError(f"the recipe has no stage sections; add one of: {known}")
 
 
 def run_stages(recipe: dict[str, Any], force: bool = False) -> dict[str, dict[str, Any]]:
-    """Validate every section first (so a typo fails before hours of work), then run them in order."""
-    unknown = sorted(set(recipe) - set(STAGE_ORDER))
-    if unknown:
-        raise ConfigError(f"unknown recipe section '{unknown[0]}'; known stages: {', '.join(STAGE_ORDER)}")
-    configs = {stage: _stage_config(stage, recipe[stage], force) for stage in STAGE_ORDER if stage in recipe}
-    if not configs:
-        raise ConfigError(f"the recipe has no stage sections; add one of: {', '.join(STAGE_ORDER)}")
-    return {stage: _run_stage(stage, config) for stage, config in configs.items()}
+    """Validate every section first (so a typo fails before hours of work), then run them in pipeline order.
+
+    Returns each stage's metrics by stage name. A training stage stopped by Ctrl-C or SIGTERM checkpoints
+    and returns; the later stages then do not run on its unfinished output.
+    """
+    check_sections(recipe)
+    configs = {name: stage_config(name, recipe[name], force) for name in RECIPE_STAGES if name in recipe}
+    results: dict[str, dict[str, Any]] = {}
+    for name, config in configs.items():
+        results[name] = stage(name).run(config)
+        if _stopped(results[name]):
+            later = [n for n in configs if n not in results]
+            if later:
+                print(f"{name} was stopped; not running {', '.join(later)} (continue with --resume)")
+            break
+    return results
+
+
+def _stopped(metrics: Any) -> bool:
+    return isinstance(metrics, dict) and metrics.get("stopped_by") in ("SIGINT", "SIGTERM")
 
 
 def run_recipe(path: str | Path, force: bool = False) -> dict[str, dict[str, Any]]:
@@ -85,13 +105,17 @@ def demo_recipe(out: str | Path) -> dict[str, Any]:
 
 
 def run_demo(out: str | Path = "runs/demo", force: bool = False) -> None:
+    """Prepare the embedded corpus, pretrain a small decoder on it, then show what each stage wrote."""
     recipe = demo_recipe(out)
     print(
         "LLM Kernel demo: preparing a corpus from the documentation that ships with this Python\n"
-        "(pydoc topic pages and standard-library docstrings), with no download.\n"
+        "(pydoc topic pages and standard-library docstrings), with no download, then pretraining a\n"
+        "small decoder on it.\n"
     )
-    run_stages(recipe, force=force)
+    metrics = run_stages(recipe, force=force)
     explain_prepare(Path(recipe["prepare"]["out"]))
+    if not _stopped(metrics["pretrain"]):
+        explain_pretrain(Path(recipe["pretrain"]["out"]), metrics["pretrain"])
 
 
 def explain_prepare(data: Path) -> None:
@@ -130,7 +154,7 @@ What the demo produced in {data}/:
 
 
 def explain_pretrain(model_dir: Path, metrics: dict[str, Any]) -> None:
-    """Tell a new user what `llmk pretrain` wrote and let the model write a few lines."""
+    """Tell a new user what `llmk pretrain` wrote (`metrics`: what it returned) and let the model write."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,12 +166,13 @@ def explain_pretrain(model_dir: Path, metrics: dict[str, Any]) -> None:
     output = model.generate(
         ids, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=40, pad_token_id=tokenizer.pad_token_id
     )
+    sample = tokenizer.decode(output[0].tolist(), skip_special_tokens=True)
+    nan = float("nan")
     print(f"""
 What the demo trained in {model_dir}/:
-  a {metrics.get("parameters", 0) / 1e6:.2f}M-parameter decoder after {metrics.get("step")} steps
-  ({metrics.get("tokens_seen", 0):,} tokens): validation loss {metrics.get("val_loss", float("nan")):.3f},
-  {metrics.get("val_bits_per_byte", float("nan")):.3f} bits per byte (a uniform guess over bytes would be 8)
-  config.json, model.safetensors, tokenizer: an HF folder, `AutoModelForCausalLM.from_pretrained("{model_dir}")`
-  checkpoints/ (resume with --resume), metrics.jsonl, tb/ (tensorboard --logdir {model_dir}/tb), run.json
-  a sample from the prompt {prompt!r}:
-    {tokenizer.decode(output[0].tolist())!r}""")
+  model       a {metrics.get("parameters", 0) / 1e6:.2f}M-parameter decoder, {metrics.get("step")} steps over {metrics.get("tokens_seen", 0):,} tokens
+              validation loss {metrics.get("val_loss", nan):.3f}, {metrics.get("val_bits_per_byte", nan):.3f} bits per byte (a uniform guess over bytes would be 8)
+  HF folder   config.json, model.safetensors, tokenizer.json: `AutoModelForCausalLM.from_pretrained("{model_dir}")` loads it
+  checkpoints/ resume with --resume; metrics.jsonl and tb/ (tensorboard --logdir {model_dir}/tb); run.json
+  sample      from the prompt {prompt!r}:
+              {sample[:200]!r}""")

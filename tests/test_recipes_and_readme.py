@@ -9,7 +9,8 @@ import pytest
 
 from llmkernel.cli import build_parser
 from llmkernel.config import config_from_args, load_yaml
-from llmkernel.pipeline import DEMO_RECIPE, STAGE_ORDER, _stage_config
+from llmkernel.pipeline import DEMO_RECIPE, stage_config
+from llmkernel.stages import RECIPE_STAGES
 from tests.conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -18,9 +19,9 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
 def test_every_recipe_parses(recipe):
     data = load_yaml(recipe)
-    assert set(data) <= set(STAGE_ORDER)
+    assert set(data) <= set(RECIPE_STAGES)
     for stage, section in data.items():
-        _stage_config(stage, section, force=False)
+        stage_config(stage, section, force=False)
 
 
 def test_demo_recipe_file_matches_embedded_recipe():

@@ -164,7 +164,9 @@ def reuse_tokenizer(model_dir: str | Path, out_dir: Path) -> PreTrainedTokenizer
 
     folder = Path(model_dir)
     if not folder.is_dir() or (folder / "config.json").is_file():  # a name, a .gguf file or a model folder
-        folder = resolve_model(model_dir)  # (an unfinished run says so); a bare tokenizer folder is used as is
+        folder = resolve_model(
+            model_dir
+        )  # (an unfinished run says so); a bare tokenizer folder is used as is
     tokenizer = load_tokenizer(folder)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)

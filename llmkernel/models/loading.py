@@ -118,9 +118,7 @@ def resolve_model(spec: str | Path) -> Path:
         return cached_gguf_folder(path)
     if path.is_dir() and (path / "checkpoints").is_dir() and not (path / "run.json").is_file():
         # pretrain and finetune write run.json last: checkpoints without it are a run that did not finish
-        raise InputError(
-            f"{path}: unfinished run (checkpoints but no run.json): resume it with --resume"
-        )
+        raise InputError(f"{path}: unfinished run (checkpoints but no run.json): resume it with --resume")
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if path.is_dir():

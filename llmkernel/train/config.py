@@ -81,7 +81,9 @@ class TrainConfig:
         "torch.compile the training forward/backward: true, false, or auto (pretraining runs of at least "
         "300 steps on a GPU, or on a CPU with a C++ compiler; the first step then takes ~30 s longer)",
     )
-    strategy: str = option("ddp", "with torchrun: ddp, or fsdp (GPUs)")
+    strategy: str = option(
+        "ddp", "with torchrun: ddp (whole replicas) or fsdp (weights, gradients, optimizer state sharded)"
+    )
     threads: int = option(0, "CPU threads per process (0: the cores available / processes)")
 
     def __post_init__(self) -> None:
@@ -234,7 +236,11 @@ class FinetuneConfig:
     """`llmk finetune`: adapt a model to a labeled task (classify, ner, sft) with full, top-layers or LoRA
     training, optionally adversarial. Unset values (0) are derived from the data, the method and the model."""
 
-    task: str = option("classify", "classify, ner or sft", positional=True)
+    task: str = option(
+        help="the task: classify (labels of texts), ner (labels of tokens) or sft (chat replies)",
+        positional=True,
+        choices=FINETUNE_TASKS,
+    )
     model: str = option(
         "", "model to start from: an HF folder, a .gguf file, all-minilm-l6-v2 or smollm2-135m-instruct"
     )
