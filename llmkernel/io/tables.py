@@ -199,6 +199,9 @@ class ClassificationData:
     label_column: str | None
     path: str
 
+    def __len__(self) -> int:
+        return len(self.texts)
+
 
 def read_classification(
     path: str | Path,

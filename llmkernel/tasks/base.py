@@ -217,8 +217,16 @@ class SupervisedTask(Task):
     # ---------------------------------------------------------------- what finetune and evaluate ask for
 
     def new_head(self) -> dict[str, Any] | None:
-        """Settings of a fresh head for this task's labels (`models.loading.load_model`), or None."""
-        return None
+        """Settings of a fresh head for this task's labels (`models.loading.load_model`), or None when the
+        task has no labels of its own (the model's head is used)."""
+        if not self.names:
+            return None
+        return {
+            "num_labels": len(self.names),
+            "id2label": dict(enumerate(self.names)),
+            "label2id": {n: i for i, n in enumerate(self.names)},
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
 
     @classmethod
     def head_modules(cls, model: torch.nn.Module) -> list[str]:
@@ -268,6 +276,15 @@ def split_held_out(items: Any, fraction: float, seed: int, take: Callable[[Any, 
 
 def pick(items: Sequence[Any], indices: np.ndarray) -> list[Any]:
     return [items[i] for i in indices]
+
+
+def read_train_and_eval(read: Callable[[str], Sequence[Any]], data: Any, seed: int) -> tuple[list, list]:
+    """(train, evaluation) items of a list-shaped file format: `data.train` (its first `data.limit`), and
+    `data.eval` or else a seeded `data.eval_fraction` of train held out."""
+    train = list(read(data.train))[: data.limit or None]
+    if data.eval:
+        return train, list(read(data.eval))
+    return split_held_out(train, data.eval_fraction, seed, pick)
 
 
 def default_max_length(counted: list[int], model_config: Any, path: str, limit: int | None = None) -> int:

@@ -120,14 +120,6 @@ class Classify(SupervisedTask):
         task.eval, task.eval_data = task.encode(data), data
         return task
 
-    def new_head(self) -> dict[str, Any]:
-        return {
-            "num_labels": len(self.labels),
-            "id2label": dict(enumerate(self.labels)),
-            "label2id": {n: i for i, n in enumerate(self.labels)},
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-
     def perturbed(self, edit: Callable[[list[str], int], list[str]]) -> list[dict[str, Any]]:
         """The evaluation examples with `edit(words, seed)` applied to each text's words (whitespace kept);
         each example has its own seed, so the edits do not depend on the order of the file."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from llmkernel.errors import InputError
 from llmkernel.io.conll import TaggedSentence, read_conll, tag_names
 from llmkernel.tasks import report as reports
-from llmkernel.tasks.base import IGNORE, SupervisedTask, default_max_length, pick, split_held_out
+from llmkernel.tasks.base import IGNORE, SupervisedTask, default_max_length, read_train_and_eval
 from llmkernel.tasks.metrics import entity_report
 
 
@@ -52,10 +52,7 @@ class TokenClassify(SupervisedTask):
         cls, tokenizer, model_config, data: Any, seed: int, batch_size: int, max_length: int
     ):
         """The task with the CoNLL files `data.train` (and `data.eval`, or a held-out share) read and encoded."""
-        train = read_conll(data.train)[: data.limit or None]
-        evaluation = read_conll(data.eval) if data.eval else None
-        if evaluation is None:
-            train, evaluation = split_held_out(train, data.eval_fraction, seed, pick)
+        train, evaluation = read_train_and_eval(read_conll, data, seed)
         tags = tag_names(train)
         unknown = sorted({t for s in evaluation for t in s.tags} - set(tags))
         if unknown:
@@ -86,14 +83,6 @@ class TokenClassify(SupervisedTask):
         task = cls(tokenizer, tags, max_length, batch_size)
         task.eval, task.eval_sentences = task.encode(sentences), sentences
         return task
-
-    def new_head(self) -> dict[str, Any]:
-        return {
-            "num_labels": len(self.tags),
-            "id2label": dict(enumerate(self.tags)),
-            "label2id": {n: i for i, n in enumerate(self.tags)},
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
 
     def perturbed(self, edit: Callable[[list[str], int], list[str]]) -> list[dict[str, Any]]:
         """The evaluation sentences with `edit(words, index)` applied to their tokens (tags unchanged)."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from llmkernel.errors import InputError
 from llmkernel.io.chat import read_chat
-from llmkernel.tasks.base import IGNORE, SupervisedTask, default_max_length, pick, split_held_out
+from llmkernel.tasks.base import IGNORE, SupervisedTask, default_max_length, read_train_and_eval
 
 # Used for tokenizers without a chat template (e.g. a decoder we pretrained): ChatML, as SmolLM2 uses.
 CHATML_TEMPLATE = (
@@ -78,10 +78,7 @@ class ChatSFT(SupervisedTask):
         cls, tokenizer, model_config, data: Any, seed: int, batch_size: int, max_length: int
     ):
         """The task with the chat files `data.train` (and `data.eval`, or a held-out share) encoded."""
-        train = read_chat(data.train)[: data.limit or None]
-        evaluation = read_chat(data.eval) if data.eval else None
-        if evaluation is None:
-            train, evaluation = split_held_out(train, data.eval_fraction, seed, pick)
+        train, evaluation = read_train_and_eval(read_chat, data, seed)
         task = cls(tokenizer, max_length, batch_size, seed, packing=data.packing)
         if not max_length:  # rendering chat templates is slow: count the first 2,000; at most 2,048
             counted = [len(task.encode_conversation(c)["input_ids"]) for c in train[:2000]]

@@ -333,11 +333,11 @@ def test_bad_input_is_one_line_and_exit_2(bert_dir, classify_files, tmp_path):
 
 
 def test_label_names_name_integer_labels(bert_dir, tmp_path):
-    rows = [(text, "1" if label == "positive" else "0") for text, label in _classify_rows(80, 3)]
+    rows = [(text, "1" if label == "france" else "0") for text, label in _classify_rows(80, 3)]
     train = _write_tsv(tmp_path / "train.tsv", rows)
     out = tmp_path / "named"
-    finetune(_config(bert_dir, train, None, out, epochs=1, data={"label_names": ["negative", "positive"]}))
+    finetune(_config(bert_dir, train, "", out, epochs=1, data={"label_names": ["negative", "positive"]}))
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     with pytest.raises(UserError, match="data.label_names: 3 names for 2 labels"):
-        finetune(_config(bert_dir, train, None, tmp_path / "x", data={"label_names": ["a", "b", "c"]}))
+        finetune(_config(bert_dir, train, "", tmp_path / "x", data={"label_names": ["a", "b", "c"]}))
