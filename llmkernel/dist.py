@@ -2,6 +2,9 @@
 
 Under `torchrun --nproc-per-node N` the environment holds RANK/WORLD_SIZE/LOCAL_RANK; `init()` then starts
 a process group (gloo on CPU, nccl on GPUs). Without them, everything here works for rank 0 of 1.
+
+The collectives (`all_reduce_sum`, `all_reduce_max`, `all_gather_object`, `broadcast_object`, `barrier`)
+must be called by every rank in the same order; one rank skipping one leaves the others waiting forever.
 """
 
 from __future__ import annotations
@@ -44,11 +47,37 @@ def is_distributed() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
+def rank() -> int:
+    """This process's rank (0 without torchrun)."""
+    return torch_dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """Whether this is rank 0, the one that writes files and prints."""
+    return rank() == 0
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (a no-op on one rank) and return it."""
     if is_distributed():
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of `tensor` over ranks, in place (a no-op on one rank); returns it."""
+    if is_distributed():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value of a picklable object, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    values = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(values, obj)
+    return values
 
 
 def broadcast_object(obj, src: int = 0):
@@ -67,7 +96,7 @@ def barrier() -> None:
 
 def print0(*args, **kwargs) -> None:
     """print() on rank 0 only."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main():
         print(*args, **kwargs, flush=True)
 
 

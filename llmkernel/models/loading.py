@@ -217,8 +217,8 @@ def load_model(folder: str | Path, kind: str, *, dtype=None, new_head: dict | No
     """`folder` loaded as a model of `kind` (a key of AUTO_CLASSES), in fp32 unless `dtype` says otherwise.
 
     A LoRA adapter folder (adapter_config.json) is loaded on its base model and merged. `new_head` (the
-    label settings: num_labels, id2label, label2id, ...) gives a classifier a fresh head for those labels;
-    only then may weights be missing from the folder. Otherwise missing weights, or unexpected ones in a
+    label settings: num_labels, id2label, label2id, ...; `{}` for a head with the folder's settings) gives
+    the model a fresh head; only then may weights be missing from the folder. Otherwise missing weights, or unexpected ones in a
     folder saved as this very class, are a broken folder and an InputError, not a silent random init.
     """
     import torch
@@ -244,7 +244,7 @@ def load_model(folder: str | Path, kind: str, *, dtype=None, new_head: dict | No
         raise InputError(f"{folder}: cannot load as a {kind} model ({first_line(error)})") from None
     saved = (read_model_config(folder).get("architectures") or [""])[0]
     missing = set(info["missing_keys"]) - tie_output_embeddings(model)
-    if missing and not new_head:
+    if missing and new_head is None:
         raise InputError(
             f"{folder}: {len(missing)} weights missing from the folder "
             f"({', '.join(sorted(missing)[:3])}); the folder is incomplete or not a {kind}"

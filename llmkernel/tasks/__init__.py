@@ -21,7 +21,10 @@ TASKS = {
 }
 FINETUNE_TASKS = ("classify", "ner", "sft")  # `llmk finetune TASK`
 EVALUATE_TASKS = ("classify", "ner", "sft", "lm")  # `llmk evaluate --task`, in the order auto tries them
-PRETRAIN_OBJECTIVES = ("clm", "mlm")  # `llmk pretrain --objective`
+PRETRAIN_OBJECTIVES = {
+    "clm": "decoder",
+    "mlm": "encoder",
+}  # `llmk pretrain --objective`: the preset it trains
 
 
 def task_class(name: str) -> type:

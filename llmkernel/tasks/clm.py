@@ -65,6 +65,7 @@ class CausalLM(Task):
     name = "clm"
     model_kind = "decoder"
     static_shapes = True  # every batch is (batch_size, seq_len): torch.compile compiles once
+    preset = "decoder"  # the models.presets family a fresh model is built from
 
     @classmethod
     def from_shards(cls, data_dir: str, tokenizer, train: Any, mask_probability: float = 0.0) -> CausalLM:

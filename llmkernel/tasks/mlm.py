@@ -39,6 +39,7 @@ class MaskedLM(Task):
     name = "mlm"
     model_kind = "masked_lm"
     static_shapes = False  # the number of masked positions changes every step
+    preset = "encoder"  # the models.presets family a fresh model is built from
 
     @classmethod
     def from_shards(cls, data_dir: str, tokenizer, train: Any, mask_probability: float) -> MaskedLM:

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,15 +46,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather_rng(rank_info: dist.DistInfo) -> list[dict[str, Any]]:
-    states = [None] * rank_info.world_size
-    if dist.is_distributed():
-        torch_dist.all_gather_object(states, _rng_state())
-    else:
-        states[0] = _rng_state()
-    return states
-
-
 def save_checkpoint(
     out: Path,
     step: int,
@@ -67,11 +57,15 @@ def save_checkpoint(
     keep: int,
     rank_info: dist.DistInfo,
 ) -> Path | None:
-    """Save a checkpoint for `step` (collective: every rank calls it; rank 0 writes). Returns its folder."""
+    """Save a checkpoint for `step` (collective: every rank calls it; rank 0 writes). Returns its folder.
+
+    The model and optimizer states are saved whole (FSDP's shards gathered onto rank 0's CPU), so a run can
+    resume on another number of processes; each rank's RNG state is kept.
+    """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
-    rng = _gather_rng(rank_info)
+    rng = dist.all_gather_object(_rng_state())
     folder = Path(out) / CHECKPOINTS / f"step_{step:06d}"
     if rank_info.is_main:
         state = {
@@ -106,7 +100,10 @@ def load_checkpoint(
     scheduler: Any,
     rank_info: dist.DistInfo,
 ) -> dict[str, Any]:
-    """Restore everything saved by `save_checkpoint`; returns {"step": ..., "extra": ...}."""
+    """Restore everything saved by `save_checkpoint`; returns {"step": ..., "extra": ...}.
+
+    Collective: every rank reads the whole state and keeps its part (its FSDP shards, its RNG state).
+    """
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     set_model_state_dict(model, state["model"], options=options)

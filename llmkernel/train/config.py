@@ -136,7 +136,7 @@ class PretrainConfig:
         check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         kind = self.model.kind
         check(
-            kind == "auto" or (kind == "decoder") == (self.objective == "clm"),
+            kind in ("auto", PRETRAIN_OBJECTIVES.get(self.objective)),
             "model.kind",
             f"{kind} does not fit objective {self.objective} (clm trains decoders, mlm encoders)",
         )
@@ -271,6 +271,12 @@ class FinetuneConfig:
         check(self.epochs >= 0, "epochs", "must be >= 0")
         check(self.patience >= 0, "patience", "must be >= 0")
         check(not (self.merge and self.method != "lora"), "merge", "only applies to --method lora")
+        check(
+            not (self.merge and self.train.strategy == "fsdp"),
+            "merge",
+            "not with --train.strategy fsdp yet (the sharded model cannot be merged on one rank); "
+            "train without --merge and load the adapter folder, which every stage merges on load",
+        )
         check(
             not (self.resume and self.force), "resume", "--resume and --force contradict each other; pick one"
         )

@@ -1,8 +1,11 @@
 """The one training loop, shared by pretraining and every fine-tuning task.
 
 Read it top to bottom: each iteration evaluates (when due), checkpoints (when due), stops (when asked),
-then takes one optimizer step over `grad_accum` micro-batches and logs. Tasks plug in their batches, loss
-and evaluation (the `Task` protocol); distribution, precision and checkpoints are the same for all.
+then takes one optimizer step over `grad_accum` micro-batches and logs. Tasks plug in their batches, loss,
+evaluation and samples (`llmkernel.tasks.base.Task`); a stage plugs in its hooks (`LoopHooks`: the backward
+pass, what to do with each evaluation, extra checkpoint state); distribution, precision and checkpoints are
+the same for all. Every rank runs every part of an iteration (evaluation, samples and checkpoint state
+dicts are collective under FSDP); only rank 0 writes files and logs.
 
 The loss of a step is normalised by the number of predicted tokens in the whole step (all micro-batches,
 all ranks), so gradient accumulation and data parallelism give the same update as one big batch.
@@ -16,36 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from llmkernel import dist
+from llmkernel.tasks.base import Task
 from llmkernel.train.checkpoint import save_checkpoint
 from llmkernel.train.config import TrainConfig
 from llmkernel.train.logger import TrainLogger
-
-
-class Task(Protocol):
-    """What a training task gives the loop."""
-
-    name: str
-
-    def micro_batches(
-        self, step: int, count: int, rank: int, world_size: int
-    ) -> list[dict[str, torch.Tensor]]:
-        """The `count` micro-batches of optimizer step `step` for this rank (a pure function of its arguments)."""
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        """Number of tokens whose loss `loss` sums for this micro-batch (known before the forward pass)."""
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of the per-token losses of one micro-batch."""
-
-    def evaluate(
-        self, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
-    ) -> dict[str, float]:
-        """Validation metrics (collective: every rank calls it)."""
+from llmkernel.train.parallel import gathered, gradient_norm, gradient_sync
 
 
 def plain_backward(
@@ -60,11 +43,47 @@ def plain_backward(
     return loss_sum
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where the loop begins: step 0 of a new run, or a checkpoint's step and token count (--resume)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What the logged model FLOPs utilisation (mfu) is measured against; 0s log an mfu of 0."""
+
+    flops_per_token: int = 0  # training FLOPs (forward and backward) per token of the model
+    peak_flops: float = 0.0  # one process's measured matmul peak, FLOP/s
+
+    def mfu(self, tokens_per_s: float, world_size: int) -> float:
+        if not self.peak_flops:
+            return 0.0
+        return tokens_per_s * self.flops_per_token / (self.peak_flops * world_size)
+
+
+@dataclass(frozen=True)
+class LoopHooks:
+    """What a stage adds to the loop.
+
+    `backward(compute_loss, scale, batch)` runs the passes of one micro-batch (plain, or adversarial:
+    llmkernel.train.adversarial). `on_evaluate(step, metrics)` sees every evaluation (fine-tuning keeps
+    the best model there; collective: every rank calls it) and returns True to stop early.
+    `extra_state()` adds its state to every checkpoint.
+    """
+
+    backward: Callable[..., torch.Tensor] = plain_backward
+    on_evaluate: Callable[[int, dict[str, float]], bool] | None = None
+    extra_state: Callable[[], dict[str, Any]] | None = None
+
+
 @dataclass
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checkpoints at the next step boundary and returns."""
 
-    signal_name: str | None = None
+    signal_name: str | None = None  # the signal this process caught
 
     def install(self) -> None:
         def handler(signum: int, frame: Any) -> None:
@@ -72,6 +91,17 @@ class StopFlag:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
+
+    def agree(self, out_of_time: bool, device: torch.device) -> str | None:
+        """The stop every rank takes at this step boundary: a signal any rank caught (the highest number,
+        so SIGTERM over SIGINT), else "time_limit" if any rank's clock passed it, else None. Collective:
+        a signal reaches the ranks at slightly different times, and one rank leaving the loop alone would
+        leave the others waiting."""
+        number = signal.Signals[self.signal_name].value if self.signal_name else 0
+        votes = dist.all_reduce_max(torch.tensor([number, int(out_of_time)], device=device))
+        if votes[0]:
+            return signal.Signals(int(votes[0])).name
+        return "time_limit" if votes[1] else None
 
 
 @dataclass
@@ -99,41 +129,33 @@ def run_loop(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     config: TrainConfig,
+    grad_clip: float,
     out: Path,
     run_config: dict[str, Any],
     rank_info: dist.DistInfo,
     logger: TrainLogger,
-    start_step: int,
-    tokens_seen: int,
-    flops_per_token: int,
-    peak_flops: float,
     stop: StopFlag,
-    grad_clip: float = 0.0,
+    start: Start = Start(),
+    throughput: Throughput = Throughput(),
+    hooks: LoopHooks = LoopHooks(),
     autocast_dtype: torch.dtype | None = None,
-    sample: Any = None,
-    backward: Callable[..., torch.Tensor] = plain_backward,
-    on_evaluate: Callable[[int, dict[str, float]], bool] | None = None,
-    extra_state: Callable[[], dict[str, Any]] | None = None,
 ) -> LoopResult:
-    """Train from `start_step` to `config.max_steps` (or a stop); returns where it ended and the last metrics.
+    """Train from `start.step` to `config.max_steps` (or a stop); returns where it ended and the last metrics.
 
-    `model` is the plain model (evaluation, samples); `train_module` is what the forward pass runs
-    (the model, a task wrapper around it, and/or DDP/FSDP around that). `backward(compute_loss, scale,
-    batch)` runs the passes of one micro-batch (plain, or adversarial). `on_evaluate(step, metrics)` sees
-    every evaluation (fine-tuning keeps the best model there) and returns True to stop early;
-    `extra_state()` adds its state to every checkpoint.
+    `model` is the plain model (evaluation, samples, gradient clipping); `train_module` is what the forward
+    pass runs (the model, a task wrapper around it (`task.wrap`), and/or DDP/FSDP around that).
     """
     device = rank_info.device
-    step = start_step
+    step, tokens_seen = start.step, start.tokens_seen
     started = time.perf_counter()
     window_started, window_tokens, window_samples, window_loss, window_count = started, 0, 0, 0.0, 0
     result = LoopResult(step=step, tokens_seen=tokens_seen, stopped_by=None)
-    last_eval = last_checkpoint = start_step
+    last_eval = last_checkpoint = start.step
 
     def checkpoint() -> None:
         extra = {"tokens_seen": tokens_seen, "val_metrics": result.val_metrics}
-        if extra_state is not None:
-            extra.update(extra_state())
+        if hooks.extra_state is not None:
+            extra.update(hooks.extra_state())
         save_checkpoint(
             out,
             step,
@@ -149,23 +171,19 @@ def run_loop(
     while True:
         # 1. evaluate
         if step > last_eval and config.eval_every and step % config.eval_every == 0:
-            result.val_metrics = _evaluate(task, model, rank_info, logger, step, sample, config)
+            result.val_metrics = _evaluate(task, model, train_module, rank_info, logger, step, config)
             last_eval = step
-            if on_evaluate is not None and on_evaluate(step, result.val_metrics):
+            if hooks.on_evaluate is not None and hooks.on_evaluate(step, result.val_metrics):
                 result.stopped_by = "early_stopping"
         # 2. checkpoint
         if step > last_checkpoint and config.checkpoint_every and step % config.checkpoint_every == 0:
             checkpoint()
             last_checkpoint = step
-        # 3. stop?
+        # 3. stop? (a signal, the time limit or early stopping; every rank takes the same decision)
         elapsed_minutes = (time.perf_counter() - started) / 60
-        if (
-            stop.signal_name is None
-            and config.time_limit_minutes
-            and elapsed_minutes >= config.time_limit_minutes
-        ):
-            result.stopped_by = "time_limit"
-        if step >= config.max_steps or stop.signal_name or result.stopped_by:
+        out_of_time = bool(config.time_limit_minutes) and elapsed_minutes >= config.time_limit_minutes
+        result.stopped_by = stop.agree(out_of_time, device) or result.stopped_by
+        if step >= config.max_steps or result.stopped_by:
             break
         # 4. one optimizer step
         step_started = time.perf_counter()
@@ -181,26 +199,17 @@ def run_loop(
         step_samples = sum(batch["input_ids"].shape[0] for batch in batches) * rank_info.world_size
         for index, batch in enumerate(batches):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            last = index == len(batches) - 1
-            # DDP: synchronise gradients only on the last micro-batch of the step.
-            sync = (
-                contextlib.nullcontext()
-                if last or not hasattr(train_module, "no_sync")
-                else train_module.no_sync()
-            )
-            with sync:
+            # reduce gradients over ranks only on the last micro-batch of the step
+            with gradient_sync(train_module, enabled=index == len(batches) - 1):
 
                 def compute_loss(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
                     with _autocast(device, autocast_dtype):
                         return task.loss(train_module, batch)
 
-                loss_sum = backward(compute_loss, scale, batch)
+                loss_sum = hooks.backward(compute_loss, scale, batch)
             loss_total += loss_sum.detach().double()
         loss_total = dist.all_reduce_sum(loss_total).item()
-        if grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        else:
-            grad_norm = _grad_norm(model)
+        grad_norm = gradient_norm(model.parameters(), grad_clip)  # clipped first when grad_clip > 0
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -224,11 +233,9 @@ def run_loop(
                 {
                     "loss": window_loss / max(window_count, 1.0),
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * flops_per_token / (peak_flops * rank_info.world_size)
-                    if peak_flops
-                    else 0.0,
+                    "mfu": throughput.mfu(tokens_per_s, rank_info.world_size),
                     "samples_per_s": window_samples / seconds,
                     "tokens": tokens_seen,
                 },
@@ -236,11 +243,10 @@ def run_loop(
             window_started, window_tokens, window_samples, window_loss, window_count = now, 0, 0, 0.0, 0
         logger.advance()
 
-    result.stopped_by = stop.signal_name or result.stopped_by
     if step > last_eval and result.stopped_by in (None, "time_limit"):
-        result.val_metrics = _evaluate(task, model, rank_info, logger, step, sample, config)
-        if on_evaluate is not None:
-            on_evaluate(step, result.val_metrics)
+        result.val_metrics = _evaluate(task, model, train_module, rank_info, logger, step, config)
+        if hooks.on_evaluate is not None:
+            hooks.on_evaluate(step, result.val_metrics)
     if step > last_checkpoint or not (out / "checkpoints").is_dir():
         checkpoint()
     result.step, result.tokens_seen = step, tokens_seen
@@ -249,12 +255,20 @@ def run_loop(
 
 def train(
     *,
-    out: Path,
-    progress: bool,
-    grad_clip: float,
-    rank_info: dist.DistInfo,
+    task: Task,
+    model: torch.nn.Module,
+    train_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
     config: TrainConfig,
-    **loop_args: Any,
+    grad_clip: float,
+    out: Path,
+    run_config: dict[str, Any],
+    rank_info: dist.DistInfo,
+    progress: bool,
+    start: Start = Start(),
+    throughput: Throughput = Throughput(),
+    hooks: LoopHooks = LoopHooks(),
 ) -> LoopResult:
     """`run_loop` with what every training stage puts around it: SIGINT/SIGTERM caught (a checkpoint, then
     a clean return), the logger (progress bar, metrics.jsonl, TensorBoard), autocast chosen for the device.
@@ -263,17 +277,25 @@ def train(
 
     stop = StopFlag()
     stop.install()
-    logger = TrainLogger(out, config.max_steps, loop_args["start_step"], rank_info.is_main, progress)
+    logger = TrainLogger(out, config.max_steps, start.step, rank_info.is_main, progress)
     try:
         result = run_loop(
-            out=out,
+            task=task,
+            model=model,
+            train_module=train_module,
+            optimizer=optimizer,
+            scheduler=scheduler,
             config=config,
+            grad_clip=grad_clip,
+            out=out,
+            run_config=run_config,
             rank_info=rank_info,
             logger=logger,
             stop=stop,
-            grad_clip=grad_clip,
+            start=start,
+            throughput=throughput,
+            hooks=hooks,
             autocast_dtype=autocast_dtype_for(config.dtype, rank_info.device),
-            **loop_args,
         )
     finally:
         logger.close()
@@ -284,23 +306,27 @@ def train(
     return result
 
 
-def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    grads = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
-
-
 def _evaluate(
-    task: Task, model, rank_info: dist.DistInfo, logger: TrainLogger, step: int, sample, config: TrainConfig
-):
+    task: Task,
+    model: torch.nn.Module,
+    train_module: torch.nn.Module,
+    rank_info: dist.DistInfo,
+    logger: TrainLogger,
+    step: int,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """Validation metrics and the task's sample (decoders; None for the others), logged by rank 0.
+
+    Every rank runs both, with FSDP's weights gathered whole for them (`gathered`).
+    """
     model.eval()
-    metrics = task.evaluate(model, rank_info.device, rank_info.rank, rank_info.world_size)
+    with gathered(train_module):
+        metrics = task.evaluate(model, rank_info.device, rank_info.rank, rank_info.world_size)
+        text = task.sample(model, rank_info.device, config.sample_tokens) if config.sample_tokens else None
     logger.log(step, "val", metrics)
     logger.write(f"step {step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items()))
-    if sample is not None and config.sample_tokens and rank_info.is_main:
-        text = sample(model, rank_info.device, config.sample_tokens)
-        if text is not None:  # tasks without samples return None
-            logger.text(step, "sample", text)
-            logger.write(f"sample: {text[:300]!r}")
-    dist.barrier()
+    if text is not None:
+        logger.text(step, "sample", text)
+        logger.write(f"sample: {text[:300]!r}")
     model.train()
     return metrics

@@ -3,37 +3,41 @@
 Output (`--out`): a Hugging Face model folder (config.json, model.safetensors, tokenizer, generation
 config) that AutoModelForCausalLM / AutoModelForMaskedLM load, plus checkpoints/, tb/, metrics.jsonl and
 run.json. run.json is written last: a folder without it is an unfinished run, which `--resume` continues.
-Under `torchrun --nproc-per-node N` the same command trains data-parallel (DDP, or FSDP on GPUs).
+Under `torchrun --nproc-per-node N` the same command trains data-parallel (DDP, or FSDP with
+`--train.strategy fsdp`; gloo on CPU, nccl on GPUs).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmkernel import dist
+from llmkernel import dist, tasks
 from llmkernel.config import to_dict
 from llmkernel.errors import ConfigError, InputError
 from llmkernel.io.shards import read_shards_manifest
 from llmkernel.io.tokenizers import load_tokenizer
 from llmkernel.models.attention import use_causal_attention
-from llmkernel.models.loading import resolve_model
+from llmkernel.models.loading import load_model, model_kind, resolve_model
 from llmkernel.models.presets import build_model, count_parameters, flops_per_token
-from llmkernel.runs import Manifest, check_writable_parent, describe_inputs, fingerprint, read_manifest
+from llmkernel.runs import (
+    Manifest,
+    check_writable_parent,
+    describe_inputs,
+    files_into,
+    fingerprint,
+    read_manifest,
+)
 from llmkernel.runtime import configure_threads, keep_freed_memory, matmul_peak_flops
-from llmkernel.tasks.clm import CausalLM
-from llmkernel.tasks.mlm import MaskedLM
 from llmkernel.train.checkpoint import load_checkpoint, open_output
 from llmkernel.train.compile import compile_decision
 from llmkernel.train.config import RUN_ONLY_FIELDS, PretrainConfig
-from llmkernel.train.loop import train
+from llmkernel.train.loop import Start, Throughput, train
 from llmkernel.train.optim import build_optimizer, build_scheduler
-from llmkernel.train.parallel import wrap_for_training
+from llmkernel.train.parallel import full_state_dict, wrap_for_training
 
 STAGE = "pretrain"
 
@@ -65,48 +69,33 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
     configure_threads(config.train.threads, rank_info.world_size)
     keep_freed_memory()
     torch.manual_seed(config.train.seed)
-    model, kind = _build_or_load(config, tokenizer, shards)
+    task = tasks.task_class(config.objective).from_shards(
+        str(data), tokenizer, config.train, config.mask_probability
+    )
+    model = _build_or_load(config, task, tokenizer, shards)
+    kind = task.preset
     counts = count_parameters(model)
-    head_fraction = (
-        config.mask_probability if config.objective == "mlm" else 1.0
-    )  # MLM's head runs on masked only
-    model_flops = flops_per_token(model, config.train.seq_len, head_fraction)
+    model_flops = flops_per_token(model, config.train.seq_len, task.head_fraction())
     peak = dist.broadcast_object(matmul_peak_flops() if rank_info.is_main else None)
     dist.print0(
         f"{kind} model: {counts['total'] / 1e6:.2f}M parameters ({counts['trainable'] / 1e6:.2f}M trainable), "
         f"{model_flops / 1e6:.1f} MFLOPs per token; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s per process"
     )
     model.to(rank_info.device)
-    seq_len, batch = config.train.seq_len, config.train.batch_size
-    if config.objective == "clm":
-        task = CausalLM(str(data), tokenizer, batch, seq_len, config.train.seed, config.train.eval_batches)
-    else:
-        task = MaskedLM(
-            str(data),
-            tokenizer,
-            batch,
-            seq_len,
-            config.train.seed,
-            config.train.eval_batches,
-            config.mask_probability,
-        )
-    # MLM's masked positions change in number every step; causal windows keep one shape.
     compile_module, compile_note = compile_decision(
-        config.train.compile, rank_info.device, config.train.max_steps, config.objective == "clm"
+        config.train.compile, rank_info.device, config.train.max_steps, task.static_shapes
     )
     if compile_module and kind == "decoder":  # a compiled run is long enough to pay the kernel's one build
         dist.print0(f"attention: {use_causal_attention(model, cpu_kernel=rank_info.device.type == 'cpu')}")
-    train_module = wrap_for_training(
-        task.wrap(model) if hasattr(task, "wrap") else model, config.train.strategy, rank_info, compile_module
-    )
+    train_module = wrap_for_training(task.wrap(model), config.train.strategy, rank_info, compile_module)
     dist.print0(f"training step: {compile_note}")
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
-    start_step, tokens_seen = 0, 0
+    start = Start()
     if config.resume:
         state = load_checkpoint(checkpoints[-1], train_module, optimizer, scheduler, rank_info)
-        start_step, tokens_seen = state["step"], state["extra"].get("tokens_seen", 0)
-        dist.print0(f"resuming from {checkpoints[-1]} (step {start_step})")
+        start = Start(state["step"], state["extra"].get("tokens_seen", 0))
+        dist.print0(f"resuming from {checkpoints[-1]} (step {start.step})")
     if rank_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -118,16 +107,13 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
         optimizer=optimizer,
         scheduler=scheduler,
         config=config.train,
+        grad_clip=config.optim.grad_clip,
         out=out,
-        progress=config.progress,
         run_config=resolved,
         rank_info=rank_info,
-        start_step=start_step,
-        tokens_seen=tokens_seen,
-        flops_per_token=model_flops,
-        peak_flops=peak,
-        grad_clip=config.optim.grad_clip,
-        sample=getattr(task, "sample", None) if kind == "decoder" else None,
+        progress=config.progress,
+        start=start,
+        throughput=Throughput(model_flops, peak),
     )
     if result.stopped_by in ("SIGINT", "SIGTERM"):
         return {"step": result.step, "stopped_by": result.stopped_by}
@@ -141,8 +127,9 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
         "flops_per_token": model_flops,
         "stopped_by": result.stopped_by,
     }
+    weights = full_state_dict(model)  # collective: FSDP gathers the shards onto rank 0
     if rank_info.is_main:
-        _save_model(model, tokenizer, out)
+        _save_model(model, weights, tokenizer, out)
         Manifest(STAGE, resolved, inputs, run_fingerprint, started_at=started, metrics=metrics).write(out)
         dist.print0(
             f"model saved to {out}: "
@@ -152,20 +139,14 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
     return metrics
 
 
-def _build_or_load(config: PretrainConfig, tokenizer, shards: dict[str, Any]):
-    """The model to train and its kind, checked against the data's vocabulary and the sequence length."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    kind = "decoder" if config.objective == "clm" else "encoder"
+def _build_or_load(config: PretrainConfig, task, tokenizer, shards: dict[str, Any]):
+    """The model the objective `task` trains, checked against the data's vocabulary and the sequence length."""
     seq_len = config.train.seq_len
     vocab_size = shards["vocab_size"]
     if config.model.init_from:
         folder = resolve_model(config.model.init_from)
-        loader = AutoModelForCausalLM if kind == "decoder" else AutoModelForMaskedLM
-        try:
-            model = loader.from_pretrained(folder, dtype=torch.float32)
-        except (OSError, ValueError) as error:
-            raise InputError(f"{folder}: cannot load as a {kind} for {config.objective} ({error})") from None
+        fresh_head = {} if model_kind(folder) != task.model_kind else None  # e.g. MLM from a bare encoder
+        model = load_model(folder, task.model_kind, new_head=fresh_head)
         model_vocab = model.get_input_embeddings().weight.shape[0]
         if model_vocab < vocab_size or _vocab_differs(folder, tokenizer):
             raise InputError(
@@ -175,12 +156,12 @@ def _build_or_load(config: PretrainConfig, tokenizer, shards: dict[str, Any]):
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and seq_len > limit:
             raise ConfigError(f"train.seq_len: {seq_len} is larger than the model's context length {limit}")
-        return model, kind
+        return model
     context = config.model.context_length or seq_len
     if seq_len > context:
         raise ConfigError(f"train.seq_len: {seq_len} is larger than model.context_length {context}")
     special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-    return build_model(config.model, kind, vocab_size, context, special), kind
+    return build_model(config.model, task.preset, vocab_size, context, special)
 
 
 def _vocab_differs(folder: Path, tokenizer) -> bool:
@@ -191,12 +172,11 @@ def _vocab_differs(folder: Path, tokenizer) -> bool:
     return model_tokenizer.get_vocab() != tokenizer.get_vocab()
 
 
-def _save_model(model, tokenizer, out: Path) -> None:
-    """Write the HF folder files next to checkpoints/: into a temp folder, then renamed into place."""
-    temporary = out / f".model-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    for path in temporary.iterdir():
-        os.replace(path, out / path.name)
-    temporary.rmdir()
+def _save_model(model, weights: dict[str, torch.Tensor], tokenizer, out: Path) -> None:
+    """Write the HF folder files next to checkpoints/: into a temp folder, then renamed into place.
+
+    `weights` is the model's whole state (`full_state_dict`): under FSDP the model itself holds shards.
+    """
+    with files_into(out) as temporary:
+        model.save_pretrained(temporary, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)

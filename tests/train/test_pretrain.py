@@ -14,7 +14,9 @@ from llmkernel.train.config import PretrainConfig
 from llmkernel.train.pretrain import pretrain
 
 
-def config(data, out, **train) -> PretrainConfig:
+def config(data, out, top: dict | None = None, model: dict | None = None, **train) -> PretrainConfig:
+    """A validated config; `top` and `model` set top-level and model fields (configs are never changed
+    after validation), the keywords set train fields."""
     train_fields = {
         "batch_size": 8,
         "seq_len": 32,
@@ -33,9 +35,10 @@ def config(data, out, **train) -> PretrainConfig:
             "data": str(data),
             "out": str(out),
             "progress": False,
-            "model": {"size": "tiny"},
+            "model": {"size": "tiny", **(model or {})},
             "train": train_fields,
             "optim": {"warmup_steps": 2, "lr": 3e-3},
+            **(top or {}),
         },
     )
 
@@ -63,8 +66,7 @@ def test_resume_continues_exactly(bpe_data, tmp_path):
     # an interrupted run is one whose last checkpoint is step 3: drop what came after and resume
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints" / "step_000003", resumed / "checkpoints" / "step_000003")
-    resume = config(bpe_data, resumed, max_steps=8, checkpoint_every=3, keep_checkpoints=10)
-    resume.resume = True
+    resume = config(bpe_data, resumed, {"resume": True}, max_steps=8, checkpoint_every=3, keep_checkpoints=10)
     resumed_metrics = pretrain(resume)
     assert resumed_metrics["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-6)
     assert resumed_metrics["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-6)
@@ -98,9 +100,7 @@ def test_output_is_a_hugging_face_folder(bpe_data, tmp_path):
 def test_mlm_trains_an_encoder(wordpiece_data, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    cfg = config(wordpiece_data, tmp_path / "mlm", max_steps=30)
-    cfg.objective = "mlm"
-    metrics = pretrain(cfg)
+    metrics = pretrain(config(wordpiece_data, tmp_path / "mlm", {"objective": "mlm"}, max_steps=30))
     losses = train_losses(tmp_path / "mlm")
     assert losses[-1] < losses[0]
     assert 0 <= metrics["val_masked_accuracy"] <= 1 and metrics["val_unigram_baseline_accuracy"] > 0
@@ -111,14 +111,10 @@ def test_bad_inputs_are_user_errors(bpe_data, tmp_path):
     with pytest.raises(UserError, match="no token shards|shards.json"):
         pretrain(config(tmp_path, tmp_path / "out"))
     with pytest.raises(UserError, match="larger than model.context_length"):
-        cfg = config(bpe_data, tmp_path / "out")
-        cfg.model.context_length = 16
-        pretrain(cfg)
+        pretrain(config(bpe_data, tmp_path / "out", model={"context_length": 16}))
     pretrain(config(bpe_data, tmp_path / "run", max_steps=2, checkpoint_every=1))
     (tmp_path / "run" / "run.json").unlink()
     with pytest.raises(UserError, match="--resume to continue"):
         pretrain(config(bpe_data, tmp_path / "run", max_steps=3))
     with pytest.raises(UserError, match="mlm needs a tokenizer with a \\[MASK\\]"):
-        cfg = config(bpe_data, tmp_path / "mlm")
-        cfg.objective = "mlm"
-        pretrain(cfg)
+        pretrain(config(bpe_data, tmp_path / "mlm", {"objective": "mlm"}))
