@@ -69,10 +69,9 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
     configure_threads(config.train.threads, rank_info.world_size)
     keep_freed_memory()
     torch.manual_seed(config.train.seed)
-    task = tasks.task_class(config.objective).from_shards(
-        str(data), tokenizer, config.train, config.mask_probability
-    )
-    model = _build_or_load(config, task, tokenizer, shards)
+    objective = tasks.task_class(config.objective)
+    model = _build_or_load(config, objective, tokenizer, shards)  # its checks first: they name the data's fix
+    task = objective.from_shards(str(data), tokenizer, config.train, config.mask_probability)
     kind = task.preset
     counts = count_parameters(model)
     model_flops = flops_per_token(model, config.train.seq_len, task.head_fraction())
@@ -139,8 +138,8 @@ def _pretrain(config: PretrainConfig, rank_info: dist.DistInfo) -> dict[str, Any
     return metrics
 
 
-def _build_or_load(config: PretrainConfig, task, tokenizer, shards: dict[str, Any]):
-    """The model the objective `task` trains, checked against the data's vocabulary and the sequence length."""
+def _build_or_load(config: PretrainConfig, task: type, tokenizer, shards: dict[str, Any]):
+    """The model the objective (the task class) trains, checked against the data's vocabulary and the sequence length."""
     seq_len = config.train.seq_len
     vocab_size = shards["vocab_size"]
     if config.model.init_from:
