@@ -9,11 +9,16 @@ does two things the stock path leaves on the table:
   Our windows are never padded, so the mask function returns none for them (and transformers' own
   mask otherwise). Same losses; +3% tokens/s compiled on bench/pretrain.py's model.
 * On CPU in fp32, our own kernel (`causal_attention.cpp`): one (batch, head) per task with its scores in
-  L2 cache, instead of PyTorch's flash-attention tiles. Measured on bench/pretrain.py's model (4 layers,
-  4 heads of 64, window 256, batch 16, 2 cores): attention forward and backward 72 ms per step against
-  113-116 ms, the whole compiled step 622-631 ms against 663-670 ms (separate processes; alternating
-  two models in one process hides the difference). It is built with the C++ compiler torch.compile
-  already needs, once per machine (about 30 s, cached by torch under ~/.cache/torch_extensions).
+  L2 cache, instead of PyTorch's flash-attention tiles. bench/attention.py times whole compiled training
+  steps with it and with the SDPA path above, in separate processes (alternating two models in one
+  process hides the difference), on 2 cores: the `small` preset at batch 8 x window 512, 603 against
+  674 ms and 701 against 776 ms per step in two runs (+10% over 7 rounds, every round faster);
+  recipes/shakespeare-gpt.yaml's model at 16 x 256, +8% and +5% in two runs of 4 and 5 rounds, -6% in
+  one of 3 (+6.5% over the 12 rounds, 8 faster). Attention forward and backward alone at that shape:
+  64 against 88 ms per step. It is built with the C++ compiler torch.compile already needs and the
+  `ninja` of the `kernel` extra (`pip install 'llmkernel[kernel]'`), once per machine (about 30 s,
+  cached by torch under ~/.cache/torch_extensions), on x86-64 only. Without ninja, a compiler or an
+  x86-64 CPU, or if the build fails, SDPA runs and the run's log says why in one line.
 
 Anything else (padding masks, decoding with a KV cache, dropout, GPUs, bf16) goes to SDPA as before.
 """
@@ -21,6 +26,7 @@ Anything else (padding masks, decoding with a KV cache, dropout, GPUs, bf16) goe
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +36,8 @@ CAUSAL_SDPA = "llmk_causal_sdpa"  # SDPA with is_causal, never a materialised ma
 CAUSAL_CPU = "llmk_causal_cpu"  # our CPU kernel where it applies, CAUSAL_SDPA's path elsewhere
 KERNEL_SOURCE = Path(__file__).with_name("causal_attention.cpp")
 _kernel: ModuleType | None = None  # the built extension, once load_cpu_kernel succeeded
+KERNEL_MACHINES = ("x86_64", "amd64")  # platform.machine() of the CPUs the kernel is built for
+KERNEL_EXTRA = "pip install 'llmkernel[kernel]'"  # what brings ninja, torch's extension builder
 
 
 def load_cpu_kernel() -> str | None:
@@ -37,9 +45,14 @@ def load_cpu_kernel() -> str | None:
     global _kernel
     if _kernel is not None:
         return None
+    machine = platform.machine()
+    if machine.lower() not in KERNEL_MACHINES:  # its vector flags and MKL's sgemm_ are x86-64's
+        return f"it is for x86-64 CPUs, this one is {machine or 'unknown'}"
     try:
         import ninja  # torch's extension builder runs the `ninja` program; the package ships it
-
+    except ImportError:
+        return f"ninja is not installed ({KERNEL_EXTRA})"
+    try:
         if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
         from torch.utils.cpp_extension import load

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +21,10 @@ from llmkernel.models.presets import ModelConfig, build_model
 
 @pytest.fixture(scope="module")
 def kernel():
+    """The built kernel; its tests skip, with the reason, where it does not build (no compiler, ARM)."""
     problem = attention.load_cpu_kernel()  # built once per machine (~30 s), then cached by torch
-    assert problem is None, problem
+    if problem:
+        pytest.skip(f"the CPU attention kernel did not build: {problem}")
 
 
 def projections(batch, heads, kv_heads, seq, dim, seed=0):
@@ -115,18 +120,57 @@ def test_other_attention_implementations_are_left_alone():
     assert model.config._attn_implementation == "eager"
 
 
-def test_a_kernel_that_does_not_build_leaves_sdpa(monkeypatch):
+@pytest.fixture
+def unbuilt(monkeypatch):
+    """No kernel loaded yet, on an x86-64 machine with ninja, and a build that must not be reached.
+
+    A test changes what it checks (the machine, ninja, the build); PATH is restored afterwards.
+    """
+    import torch.utils.cpp_extension
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError("the kernel was built")
+
+    monkeypatch.setattr(attention, "_kernel", None)
+    monkeypatch.setattr(attention.platform, "machine", lambda: "x86_64")
+    monkeypatch.setitem(sys.modules, "ninja", SimpleNamespace(BIN_DIR="/nonexistent/ninja/bin"))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", unexpected)
+    return monkeypatch
+
+
+def switched_note() -> str:
+    model = tiny_decoder()
+    note = use_causal_attention(model, cpu_kernel=True)
+    assert model.config._attn_implementation == CAUSAL_SDPA
+    return note
+
+
+def test_a_kernel_that_does_not_build_leaves_sdpa(unbuilt):
     import torch.utils.cpp_extension
 
     def broken(*args, **kwargs):
         raise RuntimeError("Error building extension 'llmk_causal_attention'\nc++: not found")
 
-    monkeypatch.setattr(attention, "_kernel", None)
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
-    model = tiny_decoder()
-    note = use_causal_attention(model, cpu_kernel=True)
-    assert note == (
+    unbuilt.setattr(torch.utils.cpp_extension, "load", broken)
+    assert switched_note() == (
         "SDPA, causal without a mask (the CPU attention kernel did not build: "
         "RuntimeError: Error building extension 'llmk_causal_attention')"
     )
-    assert model.config._attn_implementation == CAUSAL_SDPA
+
+
+def test_no_ninja_leaves_sdpa_and_names_the_extra(unbuilt):
+    unbuilt.setitem(sys.modules, "ninja", None)  # `import ninja` raises ImportError
+    assert switched_note() == (
+        "SDPA, causal without a mask (the CPU attention kernel did not build: "
+        "ninja is not installed (pip install 'llmkernel[kernel]'))"
+    )
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64", ""])
+def test_other_cpus_leave_sdpa_without_building(unbuilt, machine):
+    unbuilt.setattr(attention.platform, "machine", lambda: machine)
+    assert switched_note() == (
+        "SDPA, causal without a mask (the CPU attention kernel did not build: "
+        f"it is for x86-64 CPUs, this one is {machine or 'unknown'})"
+    )
