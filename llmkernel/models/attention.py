@@ -32,6 +32,8 @@ from types import ModuleType
 
 import torch
 
+from llmkernel.errors import first_line
+
 CAUSAL_SDPA = "llmk_causal_sdpa"  # SDPA with is_causal, never a materialised mask for full windows
 CAUSAL_CPU = "llmk_causal_cpu"  # our CPU kernel where it applies, CAUSAL_SDPA's path elsewhere
 KERNEL_SOURCE = Path(__file__).with_name("causal_attention.cpp")
@@ -76,8 +78,7 @@ def load_cpu_kernel() -> str | None:
             extra_ldflags=["-fopenmp"],
         )
     except Exception as error:  # no compiler, no OpenMP, a BLAS without sgemm_: SDPA does the work
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        return f"{type(error).__name__}: {first_line}"
+        return f"{type(error).__name__}: {first_line(error)[:200]}"
     return None
 
 

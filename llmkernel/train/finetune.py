@@ -291,9 +291,15 @@ class BestModel:
     def restore(self, model) -> None:
         """Put the best evaluation's weights back into `model` (none saved: it keeps its own)."""
         if (self.folder / "state.pt").is_file():
-            load_full_state_dict(
-                model, torch.load(self.folder / "state.pt", map_location="cpu"), strict=False
-            )
+            state = torch.load(self.folder / "state.pt", map_location="cpu")
+            # It holds the trainable weights only (strict=False below); they must be exactly the model's.
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            if set(state) != trainable:
+                raise RuntimeError(
+                    f"the best model's weights do not match the model: {len(set(state) - trainable)} unexpected, "
+                    f"{len(trainable - set(state))} missing (e.g. {sorted(set(state) ^ trainable)[:3]})"
+                )
+            load_full_state_dict(model, state, strict=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {
