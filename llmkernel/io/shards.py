@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from llmkernel.errors import InputError
+
+if TYPE_CHECKING:  # torch only where batches are made: `llmk prepare` imports this module for its names
+    import torch
 
 FORMAT = "llmk-shards-v1"  # the `format` of shards.json
 SHARDS_FILE = "shards.json"
@@ -126,6 +128,8 @@ class TokenShards:
         rows = np.stack(
             [self.window(int(s), span) for s in starts[rank * batch_size : (rank + 1) * batch_size]]
         )
+        import torch
+
         tokens = torch.from_numpy(rows.astype(np.int64))
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
