@@ -44,6 +44,25 @@ def run_llmk(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproc
     )
 
 
+def kill_after_checkpoint(args: list[str], out: Path, step: int, timeout: float = 120) -> None:
+    """Run `llmk *args --out out` and SIGKILL it as soon as the checkpoint of `step` exists."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmkernel.cli", *args, "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.time() + timeout
+    while not (out / "checkpoints" / f"step_{step:06d}").is_dir() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 # ------------------------------------------------------------------- small prepared data folders
 
 WORDS = (

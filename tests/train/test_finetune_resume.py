@@ -4,18 +4,13 @@ metrics, evaluation and weights of an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_llmk
+from tests.conftest import kill_after_checkpoint, run_llmk
 
 FILLER = ["hello", "world", "the", "alice", "bob", "lives", "works", "in", "me"]
 
@@ -45,18 +40,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(bert_folder, tmp_pat
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmkernel.cli", *args, "--out", str(out)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_000040").is_dir() and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(args, out, 40)
     assert (out / "checkpoints" / "step_000040").is_dir()
     assert not (out / "run.json").exists()  # an interrupted run never looks finished
     assert not (out / "checkpoints" / "step_000200").exists(), "the run ended before it was killed"

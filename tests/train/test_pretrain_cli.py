@@ -13,7 +13,7 @@ import time
 import pytest
 
 from llmkernel.models.attention import load_cpu_kernel
-from tests.conftest import REPO, run_llmk
+from tests.conftest import REPO, kill_after_checkpoint, run_llmk
 
 COMMON = [
     "--model.size",
@@ -57,18 +57,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(bpe_data, tmp_path):
     straight = run_llmk(*args, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmkernel.cli", *args, "--out", str(out)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_000020").is_dir() and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(args, out, 20)
     assert not (out / "run.json").exists()  # an interrupted run never looks finished
     resumed = run_llmk(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
