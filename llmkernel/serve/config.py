@@ -25,7 +25,8 @@ class ServeConfig:
     device: str = option("cpu", "torch device for the model: cpu, cuda, cuda:1, ...")
     quantize: str = option(
         "fp16",
-        "weights of the decoder fast path: none (fp32), fp16 or int8 (CPU only; see serve/quantize.py)",
+        "weights of the decoder fast path: none (fp32), fp16, int8 or int4 (int8/int4: CPU only; see "
+        "serve/quantize.py); a folder from `llmk quantize` runs as stored",
     )
     # security
     api_keys: str | None = option(

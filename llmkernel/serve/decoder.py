@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmkernel.serve.quantize import Projection, make_linear
+from llmkernel.models.weight_only import WeightOnlyLinear
+from llmkernel.serve.quantize import Projection, make_linear, weight_only_projection
 
 
 @dataclass
@@ -111,9 +112,13 @@ class LlamaDecoder:
         self.vocab_size = config.vocab_size
         device = model.device
         params = {name: p.detach() for name, p in model.named_parameters()}
+        modules = dict(model.named_modules())
 
         def fused(names: list[str]) -> Projection:
             # One [sum(out), in] matrix instead of several: one kernel call, one pass over x.
+            parts = [modules[name.removesuffix(".weight")] for name in names]
+            if any(isinstance(part, WeightOnlyLinear) for part in parts):  # a quantized folder: use as stored
+                return weight_only_projection(parts, quantize)
             weights = [params[name] for name in names]
             biases = [params.get(name.replace(".weight", ".bias")) for name in names]
             bias = torch.cat(biases) if all(b is not None for b in biases) else None
@@ -135,8 +140,14 @@ class LlamaDecoder:
             )
         self.embedding = params["model.embed_tokens.weight"]  # [vocab, hidden]
         self.final_norm = params["model.norm.weight"]
-        # The vocab projection: tied embeddings get their own (transposed or quantized) copy.
-        self.lm_head = make_linear(model.get_output_embeddings().weight.detach(), None, quantize)
+        # The vocab projection: tied embeddings get their own (transposed or quantized) copy; a weight-only
+        # quantized head (never tied, see models/weight_only.py) is used as stored.
+        head = model.get_output_embeddings()
+        if isinstance(head, WeightOnlyLinear):
+            self.lm_head = weight_only_projection([head], quantize)
+        else:
+            head_mode = "int8" if quantize == "int4" else quantize  # as models/weight_only.py: HEAD_BITS
+            self.lm_head = make_linear(head.weight.detach(), None, head_mode)
         self.cos, self.sin = _rope_tables(model, max_len)  # [max_len, head_dim] each
         dtype = self.embedding.dtype
         self.cache = KVCache(
@@ -161,7 +172,8 @@ class LlamaDecoder:
         x = F.embedding(torch.tensor(step.token_ids, device=self.device), self.embedding)  # [N, hidden]
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.eps)
-            qkv = layer.qkv(h).view(n, heads + 2 * kv_heads, dim)  # heads: q..., k..., v...
+            # .float(): weight-only products return bf16 (a no-op for the others)
+            qkv = layer.qkv(h).float().view(n, heads + 2 * kv_heads, dim)  # heads: q..., k..., v...
             qkv[:, : heads + kv_heads] = _rotate(qkv[:, : heads + kv_heads], cos, sin)  # q and k at once
             # Write this step's keys and values: cache [2, slots, kv_heads, cap, dim] at (:, slot, :, pos)
             # takes rows [N, 2, kv_heads, dim], which is exactly the k, v part of qkv.
@@ -169,7 +181,7 @@ class LlamaDecoder:
             attended = self._attention(plan, qkv[:, :heads], self.cache.data[index])  # [N, heads * dim]
             x = x + layer.out(attended)
             h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            gate, up = layer.gate_up(h).float().chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         # Only the rows that pick a next token need the final norm and the (largest) vocab projection.
         x = x[torch.tensor(step.sample_rows, device=self.device)]

@@ -205,7 +205,8 @@ class GenerationEngine:
         max_num_batched_tokens: most rows in one forward (decode tokens + prompt chunks).
         max_model_len: longest prompt + completion; default the model's, capped at 4096.
         request_timeout_s: requests running longer end with finish_reason "timeout".
-        quantize: weight format of the Llama fast path: "none" (fp32), "fp16" or "int8" (see quantize.py).
+        quantize: weight format of the Llama fast path: "none" (fp32), "fp16", "int8" or "int4" (see
+            quantize.py); a folder quantized by `llmk quantize` runs as stored.
         device: torch device ("cpu", "cuda", ...); int8 is CPU-only.
         seed: seeds requests that do not give their own seed.
         num_threads: torch threads for the forward; default: all cores but one, which stays free for the
@@ -229,8 +230,8 @@ class GenerationEngine:
 
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
-        if quantize == "int8" and not str(device).startswith("cpu"):
-            raise ValueError(f"quantize='int8' runs on CPU only; use 'fp16' or 'none' on {device}")
+        if quantize in ("int8", "int4") and not str(device).startswith("cpu"):
+            raise ValueError(f"quantize={quantize!r} runs on CPU only; use 'fp16' or 'none' on {device}")
         if max_batch_size < 1 or max_num_batched_tokens < max_batch_size:
             raise ValueError("need max_batch_size >= 1 and max_num_batched_tokens >= max_batch_size")
         self.model_dir = resolve_model(model_dir)

@@ -1,4 +1,4 @@
-"""The matrix products of the serving forward: fp32 `Linear`, `Fp16Linear` (the default) and `Int8Linear`.
+"""The matrix products of the serving forward: fp32 `Linear`, `Fp16Linear` (the default), weight-only int8/int4.
 
 Decoding on a CPU is bound by how fast the weights stream from memory: every step reads every weight once
 (0.54 GB for SmolLM2-135M in fp32). What we measured with PyTorch 2.13 on this 2-core AVX-512 machine
@@ -11,24 +11,30 @@ Decoding on a CPU is bound by how fast the weights stream from memory: every ste
   bytes: a whole decode step of SmolLM2 is 2.0x faster than fp32 at batch 1 (18 vs 37 ms) and 1.9x at
   batch 16 (64 vs 121 ms), and greedy output stays close to fp32 (6 of 8 chat answers identical over
   64 tokens, the other two from token 12 and 38);
-* `aten._weight_int8pack_mm` (weight-only int8) runs at ~2.4 GB/s: slower than fp32 here, unusable;
+* `aten._weight_int8pack_mm` (weight-only int8) runs at ~2.4 GB/s with fp32 activations, but its bf16 path
+  streams ~9 GB/s: with bf16 activations it is `quantize="int8"` (weights int8 per output row, fp32 in and
+  out; models/weight_only.py has the kernel survey), and `quantize="int4"` uses the int4 group-wise kernel
+  (group 32, the LM head int8 as in models/weight_only.py): a batch-1 step of SmolLM2 takes 11 ms against
+  fp16's 17 (int8: 15). A folder quantized by `llmk quantize` (its `WeightOnlyLinear` modules) is served
+  as stored, whatever `quantize` says; the mode then applies to layers left in fp32;
 * fbgemm's dynamic int8 (`quantized.linear_dynamic`: int8 weights with per-channel scales, activations
-  quantized per call with one scale, VNNI int32 accumulation) is the fastest (a step 2.6x fp32 at batch
-  1, 3.8x at batch 16), but SmolLM2's activation outliers make its greedy output drift early (0 of 8
-  chat answers identical, first difference within 0-9 tokens; first-token logits off by 38% relative).
-  SmoothQuant-style smoothing (alpha 0.5) cut that error to 15% without fixing greedy agreement, and
-  even simulated weight-only per-channel int8 gave 3 of 8; so int8 is opt-in (`quantize="int8"`), and
-  in int8 a sequence's logits also depend slightly on what else shares its step.
+  quantized per call with one scale, VNNI int32 accumulation) was the fastest (a step 2.6x fp32 at batch
+  1, 3.8x at batch 16), but SmolLM2's activation outliers made its greedy output drift early (0 of 8
+  chat answers identical, first difference within 0-9 tokens; first-token logits off by 38% relative;
+  SmoothQuant-style smoothing, alpha 0.5, cut that to 15% without fixing greedy agreement), so weight-only
+  int8 replaced it.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-QUANTIZE_MODES = ("none", "fp16", "int8")
+from llmkernel.models.weight_only import WeightOnlyLinear, check_weight_only
+
+QUANTIZE_MODES = ("none", "fp16", "int8", "int4")
+INT4_GROUP_SIZE = 32  # for `quantize="int4"` on an fp32 folder: divides every hidden size a multiple of 32
 
 
 class Linear:
@@ -50,29 +56,36 @@ class Linear:
         return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 
-class Int8Linear:
-    """y ~= x W^T + b with W stored as int8 with one fp32 scale per output row, run by fbgemm.
+class WeightOnly:
+    """A `WeightOnlyLinear`'s kernel called directly on [N, in] rows: no nn.Module hooks, no reshapes, and
+    the kernel's bf16 output is returned as is (with an fp32 bias: fp32). Callers that need fp32 convert;
+    `x + y` with fp32 x promotes by itself, which saves two conversions per layer."""
 
-    Symmetric per-channel scales (scale = max|W_row| / 127) keep the error of each output independent
-    of the other rows' ranges; activations are quantized per call by the kernel itself.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        check_int8_supported()
-        weight = weight.detach().float().contiguous()
-        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()  # [out]
-        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # quantized tensor creation is marked deprecated in 2.13, still works
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-            bias = None if bias is None else bias.detach().float().contiguous()
-            self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        self.out_features = weight.shape[0]
+    def __init__(self, module: WeightOnlyLinear) -> None:
+        self.out_features = module.out_features
+        self.module = module
+        self.int4 = module.bits == 4
+        self.packed, self.scales, self.bias = module.packed_weight, module.scales, module.bias
+        self.group_size = module.group_size
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range=False: full 8-bit activations; VNNI accumulates in int32 without the 16-bit
-        # saturation that made fbgemm's older AVX2 path need 7-bit ranges.
-        return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+        x = x.to(torch.bfloat16)
+        if self.int4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
+        return y if self.bias is None else torch.add(self.bias, y)
+
+
+class Concatenated:
+    """Products over the same input whose weights cannot be fused into one matrix: outputs side by side."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+        self.out_features = sum(part.out_features for part in parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
 class Fp16Linear:
@@ -86,7 +99,7 @@ class Fp16Linear:
         self.out_features = weight.shape[0]
         self.on_cpu = weight.device.type == "cpu"
         if self.on_cpu:
-            check_int8_supported()
+            check_fbgemm_supported()
             bias = None if bias is None else bias.detach().float().contiguous()
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), bias)
         else:
@@ -99,28 +112,52 @@ class Fp16Linear:
         return F.linear(x.half(), self.weight, self.bias).float()
 
 
-def check_int8_supported() -> None:
-    """Raise a clear error where PyTorch has no fbgemm/x86 quantized kernels (e.g. ARM builds).
-
-    (fp16 packing on CPU uses the same fbgemm library.)
-    """
+def check_fbgemm_supported() -> None:
+    """Raise a clear error where PyTorch has no fbgemm/x86 kernels (e.g. ARM builds), which fp16 packing needs."""
     engines = torch.backends.quantized.supported_engines
     if not {"fbgemm", "x86"} & set(engines):
         raise ValueError(
-            f"quantize='int8' and 'fp16' on CPU need PyTorch's x86 (fbgemm) kernels; this build has "
-            f"{engines}; use quantize='none'"
+            f"quantize='fp16' on CPU needs PyTorch's x86 (fbgemm) kernels; this build has {engines}; "
+            "use quantize='none', 'int8' or 'int4'"
         )
 
 
-Projection = Linear | Fp16Linear | Int8Linear
+Projection = Linear | Fp16Linear | WeightOnly | Concatenated
 
 
-def make_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, quantize: str
-) -> Linear | Fp16Linear | Int8Linear:
-    """The matrix product for one weight under the engine's `quantize` mode."""
-    if quantize == "int8":
-        return Int8Linear(weight, bias)
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantize: str) -> Projection:
+    """The matrix product for one fp32 weight [out, in] under the engine's `quantize` mode."""
+    if quantize in ("int8", "int4"):
+        bits, group_size = (8, None) if quantize == "int8" else (4, INT4_GROUP_SIZE)
+        try:
+            check_weight_only("weight", weight.shape[1], weight.shape[0], bits, group_size)
+        except ValueError:  # a shape the int4 packing cannot take: this one weight stays fp16
+            return Fp16Linear(weight, bias) if weight.device.type == "cpu" else Linear(weight, bias)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+        return WeightOnly(WeightOnlyLinear.from_linear(linear, bits=bits, group_size=group_size))
     if quantize == "fp16":
         return Fp16Linear(weight, bias)
     return Linear(weight, bias)
+
+
+def weight_only_projection(parts: list[nn.Module], quantize: str) -> Projection:
+    """The product of several modules over one input (a fused qkv or gate/up), some `WeightOnlyLinear`.
+
+    Packed weights are concatenated along the output when their layout allows (models/weight_only.py,
+    `WeightOnlyLinear.concatenate`): one kernel call; otherwise each part runs and the outputs are joined.
+    Parts still in floating point follow `quantize`.
+    """
+    if all(isinstance(part, WeightOnlyLinear) for part in parts):
+        fused = parts[0] if len(parts) == 1 else WeightOnlyLinear.concatenate(parts)
+        if fused is not None:
+            return WeightOnly(fused)
+    products = [
+        WeightOnly(part)
+        if isinstance(part, WeightOnlyLinear)
+        else make_linear(part.weight.detach(), None if part.bias is None else part.bias.detach(), quantize)
+        for part in parts
+    ]
+    return products[0] if len(products) == 1 else Concatenated(products)

@@ -1,4 +1,5 @@
-"""The serving forward against HF's: prefill, chunked prefill, batched decode, cache growth, int8/fp16."""
+"""The serving forward against HF's: prefill, chunked prefill, batched decode, cache growth, fp16/int8/int4,
+and a model with weight-only quantized layers (models/weight_only.py) served as stored."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
+from llmkernel.models.weight_only import quantize_weight_only
 from llmkernel.serve.decoder import HFDecoder, LlamaDecoder, PrefillChunk, Step, supports_fast_path
+from llmkernel.serve.quantize import Concatenated, WeightOnly
 from tests.tiny_models import tiny_llama
 
 VOCAB = 300
@@ -70,7 +73,7 @@ def test_cache_grows_past_its_first_capacity(llama) -> None:
         decoder.cache.reserve(513)
 
 
-@pytest.mark.parametrize(("quantize", "tolerance"), [("fp16", 2e-3), ("int8", 0.05)])
+@pytest.mark.parametrize(("quantize", "tolerance"), [("fp16", 2e-3), ("int8", 0.05), ("int4", 0.25)])
 def test_quantized_logits_stay_close_to_fp32(llama, quantize: str, tolerance: float) -> None:
     decoder = LlamaDecoder(llama, num_slots=2, max_len=512, quantize=quantize)
     ids = torch.randint(0, VOCAB, (24,)).tolist()
@@ -101,3 +104,26 @@ def test_hf_fallback_matches_hf_for_other_architectures() -> None:
     decoder.forward(Step(ids[:8], chunks=[PrefillChunk(0, 0, 8)], sample_rows=[7]))
     logits = decoder.forward(Step(ids[8:], decode_slots=[0], decode_positions=[8], sample_rows=[0]))
     torch.testing.assert_close(logits[0], expected[-1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "width", "fused"),
+    # width 64: k/v have 32 output rows, not whole int4 blocks of 64, so qkv runs as 3 products
+    [(8, None, 64, True), (4, 32, 64, False), (4, 64, 128, True)],
+)
+def test_weight_only_model_gives_hf_greedy_tokens(
+    bits: int, group_size: int | None, width: int, fused: bool
+) -> None:
+    # vocab 320: int4 packs output rows in multiples of 16
+    model = tiny_llama(320, width=width, max_position_embeddings=512, tie_word_embeddings=True)
+    quantize_weight_only(model, bits=bits, group_size=group_size)
+    decoder = LlamaDecoder(model, num_slots=2, max_len=512, quantize="fp16")  # the stored format wins
+    assert isinstance(decoder.layers[0].qkv, WeightOnly if fused else Concatenated)
+    assert isinstance(decoder.lm_head, WeightOnly) and isinstance(decoder.layers[0].down, WeightOnly)
+    prompt = torch.randint(0, VOCAB, (9,)).tolist()
+    tokens = [int(prefill(decoder, 1, prompt)[-1].argmax())]
+    for position in range(len(prompt), len(prompt) + 11):  # greedy decode, one row per step
+        step = Step([tokens[-1]], decode_slots=[1], decode_positions=[position], sample_rows=[0])
+        tokens.append(int(decoder.forward(step)[0].argmax()))
+    expected = reference(model, prompt + tokens[:-1])[len(prompt) - 1 :]  # HF with the same modules
+    assert expected.argmax(dim=-1).tolist() == tokens

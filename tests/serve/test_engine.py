@@ -221,8 +221,9 @@ def test_async_iteration_on_the_running_loop(engine) -> None:
     assert (text, reason) == (engine.generate(PROMPTS[1], GREEDY)[1], "length")
 
 
-def test_int8_engine_serves(llama_dir) -> None:
-    engine = make_engine(llama_dir, quantize="int8")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_weight_only_engine_serves(llama_dir, quantize: str) -> None:
+    engine = make_engine(llama_dir, quantize=quantize)
     try:
         ids, _, reason = engine.generate(PROMPTS[1], GREEDY)
         assert reason == "length" and len(ids) == 12
