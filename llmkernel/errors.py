@@ -37,7 +37,7 @@ def first_line(error: BaseException) -> str:
 
 
 # extra name -> the pip requirement that provides it
-EXTRAS = {"ray": "llmkernel[ray]"}
+EXTRAS = {"ray": "llmkernel[ray]", "onnx": "llmkernel[onnx]", "llamacpp": "llmkernel[llamacpp]"}
 
 
 def optional_import(module: str, extra: str) -> ModuleType:

@@ -1,4 +1,5 @@
-"""The one registry of stages, in pipeline order: prepare -> pretrain -> finetune -> evaluate -> serve.
+"""The one registry of stages, in pipeline order: prepare -> pretrain -> finetune -> evaluate -> prune ->
+distill -> quantize -> export -> serve.
 
 `cli.py` builds one subcommand per entry and `pipeline.py` runs a recipe's sections in this order. Each
 entry names its config class and run function as "module:attribute" and imports them only when asked,
@@ -58,6 +59,30 @@ STAGES: tuple[Stage, ...] = (
         "metrics of a model on a data file (report, confusion matrix, entity F1, perplexity), clean and attacked",
         "llmkernel.eval.config:EvaluateConfig",
         "llmkernel.eval.evaluate:evaluate",
+    ),
+    Stage(
+        "prune",
+        "remove FFN neurons, heads or layers (faster, stock HF config) or zero weights; optional recovery",
+        "llmkernel.compress.config:PruneConfig",
+        "llmkernel.compress.prune:prune",
+    ),
+    Stage(
+        "distill",
+        "train a smaller student on a task from a teacher's softened logits (and the task's labels)",
+        "llmkernel.compress.config:DistillConfig",
+        "llmkernel.compress.distill:distill",
+    ),
+    Stage(
+        "quantize",
+        "integer weights: int8 weights+activations for encoders, int8/int4 weight groups for decoders",
+        "llmkernel.compress.config:QuantizeConfig",
+        "llmkernel.compress.quantize:quantize",
+    ),
+    Stage(
+        "export",
+        "a model folder as plain safetensors, ONNX (checked with onnxruntime) or GGUF (checked with llama.cpp)",
+        "llmkernel.compress.config:ExportConfig",
+        "llmkernel.compress.export:export",
     ),
     Stage(
         "serve",

@@ -37,8 +37,9 @@ def _exit_code(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def test_the_registry_is_in_pipeline_order_and_recipes_chain_all_but_serve():
-    assert [s.name for s in STAGES] == ["prepare", "pretrain", "finetune", "evaluate", "serve"]
-    assert RECIPE_STAGES == ("prepare", "pretrain", "finetune", "evaluate")
+    compress = ["prune", "distill", "quantize", "export"]
+    assert [s.name for s in STAGES] == ["prepare", "pretrain", "finetune", "evaluate", *compress, "serve"]
+    assert RECIPE_STAGES == ("prepare", "pretrain", "finetune", "evaluate", *compress)
     assert stage("evaluate").config_path == "llmkernel.eval.config:EvaluateConfig"
     with pytest.raises(KeyError):
         stage("pretrian")

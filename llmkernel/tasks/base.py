@@ -258,6 +258,11 @@ class SupervisedTask(Task):
     def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
+    def calibration_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """Model inputs of the first `count` evaluation examples, in batches (pruning and quantization
+        measure activations on them)."""
+        return [self.model_inputs(batch) for _, batch in self.eval_batches(self.eval[:count])]
+
     def eval_batches(self, examples: list[dict[str, Any]], rank: int = 0, world_size: int = 1):
         """(indices, batch) over this rank's share of `examples`, longest first (little padding)."""
         order = np.argsort([-len(e["input_ids"]) for e in examples], kind="stable")[rank::world_size]

@@ -199,6 +199,19 @@ class TextFileLM:
     def final_report(self, model: torch.nn.Module, device: torch.device, sample_tokens: int) -> dict:
         return self.report(model, device)
 
+    def calibration_batches(self, count: int, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+        """The file's first `count` windows of `max_length` tokens, `batch_size` per batch."""
+        text = Path(self.path).read_text(encoding="utf-8", errors="replace")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        windows = [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length)][:count]
+        windows = [w for w in windows if len(w) == self.max_length] or windows[:1]
+        if not windows or not windows[0]:
+            raise InputError(f"{self.path}: no text to calibrate on")
+        return [
+            {"input_ids": torch.tensor(windows[i : i + batch_size])}
+            for i in range(0, len(windows), batch_size)
+        ]
+
     def format_report(self, report: dict) -> str:
         from llmkernel.tasks.report import format_headline
 

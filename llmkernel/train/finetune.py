@@ -16,6 +16,8 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +59,32 @@ TARGET_STEPS = 800  # default epochs aim at about this many optimizer steps (at 
 BEST = "best"
 
 
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Run `llmk finetune`; returns the final metrics (also in run.json)."""
+@dataclass
+class Variant:
+    """A stage that is fine-tuning with something added (`llmk distill`, `llmk prune`'s recovery): its name
+    and config for run.json, more input files to hash, the task the loop trains (wrapping the data's task and
+    the model), and what it writes beside the model (rank 0, before run.json; returns more metrics)."""
+
+    stage: str
+    run_config: dict[str, Any]
+    more_inputs: list[Path]
+    loop_task: Callable[[SupervisedTask, torch.nn.Module, torch.device], Any]
+    write_more: Callable[[Path, torch.nn.Module, SupervisedTask], dict[str, Any]] | None = None
+
+
+def finetune(config: FinetuneConfig, variant: Variant | None = None) -> dict[str, Any]:
+    """Run `llmk finetune` (or a `variant` of it); returns the final metrics (also in run.json)."""
     rank_info = dist.init()
     try:
-        return _finetune(config, rank_info)
+        return _finetune(config, rank_info, variant)
     finally:
         dist.cleanup()
 
 
-def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any]:
+def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo, variant: Variant | None) -> dict[str, Any]:
     started = time.time()
+    stage = variant.stage if variant else STAGE
+    run_config = variant.run_config if variant else to_dict(config)
     out = Path(config.out)
     check_writable_parent(out)
     for path in (config.data.train, config.data.eval):  # inputs first: a missing file before anything else
@@ -79,8 +96,11 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     task_class = tasks.task_class(config.task)
     kind = model_kind(folder)
     tokenizer, model_config = load_tokenizer_for(folder), load_config(folder)
-    inputs = describe_inputs([Path(p) for p in (config.data.train, config.data.eval) if p])
-    run_fingerprint = fingerprint(to_dict(config), inputs, RUN_ONLY_FIELDS)
+    inputs = describe_inputs(
+        [Path(p) for p in (config.data.train, config.data.eval) if p]
+        + (variant.more_inputs if variant else [])
+    )
+    run_fingerprint = fingerprint(run_config, inputs, RUN_ONLY_FIELDS)
 
     # 1. data, and the settings derived from it
     task = task_class.from_training_files(
@@ -93,7 +113,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     if config.eval_metric and config.eval_metric not in task.metrics:
         raise ConfigError(f"eval_metric: {config.task} reports {', '.join(task.metrics)}; pick one of them")
     config = resolve_defaults(config, task, model_config, task.max_length, rank_info.world_size)
-    checkpoints = open_output(out, STAGE, run_fingerprint, config.resume, config.force, rank_info)
+    checkpoints = open_output(out, stage, run_fingerprint, config.resume, config.force, rank_info)
     if checkpoints is None:
         return read_manifest(out)["metrics"]
 
@@ -127,7 +147,8 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
     )
     if compile_module:  # asked for with --train.compile true; auto never compiles padded batches
         dist.print0(f"training step: {compile_note}")
-    train_module = wrap_for_training(task.wrap(model), config.train.strategy, rank_info, compile_module)
+    loop_task = variant.loop_task(task, model, rank_info.device) if variant else task
+    train_module = wrap_for_training(loop_task.wrap(model), config.train.strategy, rank_info, compile_module)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
     metric = config.eval_metric or task.default_metric
@@ -150,7 +171,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
             model, adversarial.method, adversarial.epsilon, adversarial.step_size, adversarial.steps
         )
     result = train(
-        task=task,
+        task=loop_task,
         model=model,
         train_module=train_module,
         optimizer=optimizer,
@@ -158,7 +179,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
         config=config.train,
         grad_clip=config.optim.grad_clip,
         out=out,
-        run_config=to_dict(config),
+        run_config=run_config,
         rank_info=rank_info,
         progress=config.progress,
         start=Start(start_step),
@@ -188,9 +209,9 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo) -> dict[str, Any
         save_report(out, task, report, title=f"{Path(config.model).name} / {config.method}")
         save_model(model, tokenizer, out, config.merge, weights)
         shutil.rmtree(out / BEST, ignore_errors=True)
-        Manifest(STAGE, to_dict(config), inputs, run_fingerprint, started_at=started, metrics=metrics).write(
-            out
-        )
+        if variant and variant.write_more:
+            metrics.update(variant.write_more(out, model, task))
+        Manifest(stage, run_config, inputs, run_fingerprint, started_at=started, metrics=metrics).write(out)
         dist.print0(f"model saved to {out} (best {metric} {best.best_value:.4f} at step {best.best_step})")
     dist.barrier()
     return metrics
