@@ -134,6 +134,11 @@ class PruneConfig:
         0.0, "structured: share of attention heads removed in every layer (decoders), in [0, 1)"
     )
     layers: int = option(0, "structured: whole layers dropped, those that change the hidden state least")
+    layer_criterion: str = option(
+        "removal",
+        "structured --layers: rank layers by how much leaving each out changes the output (removal) or by "
+        "ShortGPT's block influence (influence)",
+    )
     sparsity: float = option(0.5, "unstructured: share of each block's Linear weights set to zero, in [0, 1)")
     criterion: str = option("wanda", "unstructured: wanda (|weight| x input norm) or magnitude (|weight|)")
     scope: str = option(
@@ -157,6 +162,11 @@ class PruneConfig:
         check(0 <= self.ffn < 1, "ffn", "must be in [0, 1)")
         check(0 <= self.heads < 1, "heads", "must be in [0, 1)")
         check(self.layers >= 0, "layers", "must be >= 0")
+        check(
+            self.layer_criterion in ("removal", "influence"),
+            "layer_criterion",
+            "must be removal or influence",
+        )
         check(0 <= self.sparsity < 1, "sparsity", "must be in [0, 1)")
         check(
             self.criterion in SPARSITY_CRITERIA, "criterion", f"must be one of {', '.join(SPARSITY_CRITERIA)}"

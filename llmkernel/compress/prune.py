@@ -104,7 +104,7 @@ def prune(config: PruneConfig) -> dict[str, Any]:
 def _prune_in_place(model, batches: list, config: PruneConfig, pruning) -> dict[str, Any]:
     """Prune `model` as asked; importance is measured again after each structural step (the layers and
     sizes it ranks change)."""
-    importance = pruning.measure_importance(model, batches) if batches else None
+    importance = pruning.measure_importance(model, batches, config.layer_criterion) if batches else None
     if config.method == "unstructured":
         from llmkernel.compress.sparsity import sparsify
 
@@ -113,13 +113,17 @@ def _prune_in_place(model, batches: list, config: PruneConfig, pruning) -> dict[
         )
         return {"method": "unstructured", "criterion": config.criterion, "scope": config.scope, **report}
     method: dict[str, Any] = {"method": "structured"}
-    if config.layers:
-        method["dropped_layers"] = pruning.prune_layers(model, config.layers, importance)
-        importance = pruning.measure_importance(model, batches)
+    if config.layers:  # one layer at a time, measured again after each: what is left changes what matters
+        remaining, dropped = list(range(model.config.num_hidden_layers)), []
+        for _ in range(config.layers):
+            (index,) = pruning.prune_layers(model, 1, importance)
+            dropped.append(remaining.pop(index))
+            importance = pruning.measure_importance(model, batches, config.layer_criterion)
+        method["dropped_layers"] = sorted(dropped)
     if config.heads:
         pruning.prune_heads(model, config.heads, importance)
         method["heads"] = config.heads
-        importance = pruning.measure_importance(model, batches)
+        importance = pruning.measure_importance(model, batches, config.layer_criterion)
     if config.ffn:
         pruning.prune_ffn(model, config.ffn, importance)
         method["ffn"] = config.ffn
