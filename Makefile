@@ -32,6 +32,7 @@ bench: setup  ## benchmark scripts; each prints one JSON line
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/pii.py
+	$(BIN)/python bench/compress.py
 
 lint: setup  ## ruff check and ruff format --check (`make test` runs it first)
 	$(BIN)/ruff check llmkernel tests bench

@@ -28,6 +28,7 @@ Usage: python bench/compress.py [--classifier runs/sst2/full] [--only int8,struc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -121,6 +122,8 @@ def classifier_figures(source: Path, result: Path, rounds: int) -> dict:
 def recovery(args) -> dict:
     return {
         "steps": args.recover_steps,
+        "distill_weight": args.distill_weight,
+        "optim": {"lr": args.lr},
         "data": {"train": str(SST2 / "train.tsv"), "eval": str(SST2 / "dev.tsv"), "limit": 8000},
         "train": {"batch_size": 32, "threads": 2},
     }
@@ -192,6 +195,8 @@ def run_distill(args, work: Path) -> dict:
         "epochs": args.distill_epochs,
         "data": {"train": str(SST2 / "train.tsv"), "eval": str(SST2 / "dev.tsv"), "limit": 8000},
         "train": {"batch_size": 32, "threads": 2},
+        "optim": {"lr": args.lr},
+        "distill_weight": args.distill_weight,
         "measure": measure_settings(),
         "force": True,
     }
@@ -211,8 +216,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per ratio")
     parser.add_argument("--ffn", type=float, default=0.5, help="structured: share of FFN neurons removed")
     parser.add_argument("--layers", type=int, default=1, help="structured: layers dropped")
-    parser.add_argument("--recover_steps", type=int, default=250, help="recovery steps after pruning")
-    parser.add_argument("--distill_epochs", type=float, default=1.0, help="distill: epochs over 8,000 rows")
+    parser.add_argument("--recover_steps", type=int, default=750, help="recovery steps after pruning (3 epochs of 8,000)")
+    parser.add_argument("--distill_epochs", type=float, default=3.0, help="distill: epochs over 8,000 rows")
+    parser.add_argument("--distill_weight", type=float, default=0.5, help="recovery and distill: KL weight")
+    parser.add_argument("--lr", type=float, default=0.0, help="recovery and distill: peak lr (0: the default)")
     parser.add_argument("--decoder_group_size", type=int, default=32, help="decoder int4: group size")
     parser.add_argument("--decode_tokens", type=int, default=64, help="decoders: tokens per timed generation")
     args = parser.parse_args()
@@ -232,7 +239,8 @@ def main() -> None:
     for method in only:
         log(f"--- {method}")
         started = time.perf_counter()
-        results[method] = runners[method](args, args.work)
+        with contextlib.redirect_stdout(sys.stderr):  # the commands' own lines; stdout is the JSON line
+            results[method] = runners[method](args, args.work)
         results[method]["wall_s"] = time.perf_counter() - started
         log(json.dumps({method: results[method]}))
     print(json.dumps(results))
