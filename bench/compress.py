@@ -216,10 +216,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per ratio")
     parser.add_argument("--ffn", type=float, default=0.5, help="structured: share of FFN neurons removed")
     parser.add_argument("--layers", type=int, default=1, help="structured: layers dropped")
-    parser.add_argument("--recover_steps", type=int, default=750, help="recovery steps after pruning (3 epochs of 8,000)")
+    parser.add_argument(
+        "--recover_steps", type=int, default=750, help="recovery steps after pruning (3 epochs of 8,000)"
+    )
     parser.add_argument("--distill_epochs", type=float, default=3.0, help="distill: epochs over 8,000 rows")
     parser.add_argument("--distill_weight", type=float, default=0.5, help="recovery and distill: KL weight")
-    parser.add_argument("--lr", type=float, default=0.0, help="recovery and distill: peak lr (0: the default)")
+    parser.add_argument(
+        "--lr", type=float, default=0.0, help="recovery and distill: peak lr (0: the default)"
+    )
     parser.add_argument("--decoder_group_size", type=int, default=32, help="decoder int4: group size")
     parser.add_argument("--decode_tokens", type=int, default=64, help="decoders: tokens per timed generation")
     args = parser.parse_args()

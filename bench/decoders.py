@@ -79,7 +79,9 @@ def race(folder: Path, gguf: Path, new_tokens: int, rounds: int) -> dict:
 
     tokenizer = load_tokenizer_for(folder)
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    prompt = list(
+        prompt if isinstance(prompt, list) else prompt["input_ids"]
+    )  # a BatchEncoding in transformers 5
     engines = {
         "ours": GenerationEngine(folder, max_batch_size=1, num_threads=THREADS),
         "fp32": GenerationEngine(

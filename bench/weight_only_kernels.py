@@ -26,7 +26,7 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)
 
 def kernel_step(kind: str):
     """A function running one decode step's products with `kind`, and the bytes of weight it reads."""
-    from llmkernel.models.weight_only import quantize_int4, quantize_int8
+    from llmkernel.models.weight_only import quantize_int4, quantize_int8, weight_only_mm
 
     products, nbytes = [], 0
     for out_features, in_features in SHAPES:
@@ -37,13 +37,14 @@ def kernel_step(kind: str):
             nbytes += packed.numel() + 2 * scales.numel()
 
             def product(x, p=packed, s=scales, g=group):
-                return torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p, g, s).float()
+                return weight_only_mm(x, p, s, 4, g, None)
         elif kind == "int8":
             q, scale = quantize_int8(weight)
             nbytes += q.numel() + 2 * scale.numel()
+            scale = scale.float()  # as the serving wrapper hands it to the kernel
 
             def product(x, q=q, s=scale):
-                return torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s).float()
+                return weight_only_mm(x, q, s, 8, None, None)
         else:  # fp16 fbgemm
             packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
             nbytes += 2 * weight.numel()

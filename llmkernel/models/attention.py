@@ -42,13 +42,14 @@ KERNEL_MACHINES = ("x86_64", "amd64")  # platform.machine() of the CPUs the kern
 KERNEL_EXTRA = "pip install 'llmkernel[kernel]'"  # what brings ninja, torch's extension builder
 
 
-def load_cpu_kernel() -> str | None:
-    """Build (or reuse the cached build of) the CPU kernel. Returns None when loaded, else why not."""
-    global _kernel
-    if _kernel is not None:
-        return None
+def build_cpu_extension(name: str, source: Path, vector_flags: list[str] | None = None) -> ModuleType | str:
+    """Build (or reuse torch's cached build of) one C++ CPU extension: the module, or one line saying why not.
+
+    `vector_flags` default to the flags of PyTorch's own CPU capability (AVX-512 or AVX2). Shared by this
+    kernel and models/weight_only_kernels.cpp.
+    """
     machine = platform.machine()
-    if machine.lower() not in KERNEL_MACHINES:  # its vector flags and MKL's sgemm_ are x86-64's
+    if machine.lower() not in KERNEL_MACHINES:  # the vector flags (and MKL's sgemm_) are x86-64's
         return f"it is for x86-64 CPUs, this one is {machine or 'unknown'}"
     try:
         import ninja  # torch's extension builder runs the `ninja` program; the package ships it
@@ -59,26 +60,35 @@ def load_cpu_kernel() -> str | None:
             os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
         from torch.utils.cpp_extension import load
 
-        capability = torch.backends.cpu.get_cpu_capability()
-        vector_flags = {
-            "AVX512": [
-                "-DCPU_CAPABILITY_AVX512",
-                "-mavx512f",
-                "-mavx512bw",
-                "-mavx512vl",
-                "-mavx512dq",
-                "-mfma",
-            ],
-            "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
-        }.get(capability, [])
-        _kernel = load(
-            "llmk_causal_attention",
-            [str(KERNEL_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", *vector_flags],
-            extra_ldflags=["-fopenmp"],
+        if vector_flags is None:
+            capability = torch.backends.cpu.get_cpu_capability()
+            vector_flags = {
+                "AVX512": [
+                    "-DCPU_CAPABILITY_AVX512",
+                    "-mavx512f",
+                    "-mavx512bw",
+                    "-mavx512vl",
+                    "-mavx512dq",
+                    "-mfma",
+                ],
+                "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
+            }.get(capability, [])
+        return load(
+            name, [str(source)], extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"]
         )
-    except Exception as error:  # no compiler, no OpenMP, a BLAS without sgemm_: SDPA does the work
+    except Exception as error:  # no compiler, no OpenMP, a BLAS without sgemm_: the caller falls back
         return f"{type(error).__name__}: {first_line(error)[:200]}"
+
+
+def load_cpu_kernel() -> str | None:
+    """Build (or reuse the cached build of) the CPU kernel. Returns None when loaded, else why not."""
+    global _kernel
+    if _kernel is not None:
+        return None
+    built = build_cpu_extension("llmk_causal_attention", KERNEL_SOURCE)
+    if isinstance(built, str):
+        return built
+    _kernel = built
     return None
 
 

@@ -5,6 +5,12 @@ sequence are flattened into N rows and go through each matrix product together, 
 memory once per step however many sequences run (CPU decoding is memory-bound). Only attention differs:
 a prefill chunk attends causally within its own sequence, decode rows attend in one batched call.
 
+When every product is weight-only on our CPU kernel and a step has decode rows only, all the layers run
+in one C++ call (`decode_layers` in models/weight_only_kernels.cpp: RMSNorm, RoPE, the cache write,
+attention and SwiGLU as plain loops between the kernel's products), which takes SmolLM2's batch-1 int4
+step from 9.6 ms (this Python forward on the same kernel: ~4.5 ms of it outside the products, rms_norm
+1.4 ms, SDPA 1.1 ms) to 6.1 ms.
+
 Layout of the KV cache: one tensor [layers, 2 (k, v), slots, kv_heads, capacity, head_dim]. Each running
 sequence owns a slot (its own cache rows) until it finishes; `capacity` grows by doubling up to
 max_model_len as sequences get longer, so short requests never pay for the full context.
@@ -18,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmkernel.models.weight_only import WeightOnlyLinear
-from llmkernel.serve.quantize import Projection, make_linear, weight_only_projection
+from llmkernel.models.weight_only import WeightOnlyLinear, kernel
+from llmkernel.serve.quantize import Projection, WeightOnly, make_linear, weight_only_projection
 
 
 @dataclass
@@ -154,6 +160,25 @@ class LlamaDecoder:
             config.num_hidden_layers, num_slots, self.num_kv_heads, self.head_dim, max_len, device, dtype
         )
         self.device = device
+        self.fused_layers = self._fused_layers()
+
+    def _fused_layers(self) -> tuple[list[torch.Tensor], list[int]] | None:
+        """The arguments of the kernel's `decode_layers` (models/weight_only_kernels.cpp: every layer of a
+        decode step in one C++ call) where every product of every layer runs on our weight-only kernel and
+        the cache is fp32 on CPU; else None (this Python forward runs)."""
+        if self.cache.data.dtype != torch.float32 or self.device.type != "cpu":
+            return None
+        tensors, settings, none = [], [], torch.empty(0)
+        for layer in self.layers:
+            products = (layer.qkv, layer.out, layer.gate_up, layer.down)
+            if not all(isinstance(p, WeightOnly) and p.mm is not None for p in products):
+                return None
+            tensors += [layer.input_norm.float().contiguous(), layer.post_norm.float().contiguous()]
+            for p in products:
+                tensors += [p.packed, p.scales, none if p.bias is None else p.bias]
+                settings += [p.bits, p.group_size or 0]
+        self.cos, self.sin = self.cos.float().contiguous(), self.sin.float().contiguous()
+        return tensors, settings
 
     def free(self, slot: int) -> None:
         """Nothing to clear: a slot's stale rows are never read (attention is masked by position)."""
@@ -163,6 +188,21 @@ class LlamaDecoder:
         """Run the step's N rows through the model; returns logits [len(step.sample_rows), vocab]."""
         positions_list = step.positions()
         self.cache.reserve(max(positions_list) + 1)
+        if self.fused_layers is not None and not step.chunks:  # decode rows only: one C++ call
+            x = F.embedding(torch.tensor(step.token_ids), self.embedding)  # [N, hidden]
+            x = kernel().decode_layers(
+                x,
+                *self.fused_layers,
+                self.cache.data,
+                step.decode_slots,
+                step.decode_positions,
+                self.cos,
+                self.sin,
+                self.num_heads,
+                self.num_kv_heads,
+                self.eps,
+            )
+            return self._logits(x, step)
         plan = _AttentionPlan(step, self.device)  # masks and indices shared by every layer
         positions = torch.tensor(positions_list, device=self.device)  # [N]
         slots = torch.tensor(step.slots(), device=self.device)  # [N]
@@ -183,8 +223,12 @@ class LlamaDecoder:
             h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps)
             gate, up = layer.gate_up(h).float().chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
+        return self._logits(x, step)
+
+    def _logits(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         # Only the rows that pick a next token need the final norm and the (largest) vocab projection.
-        x = x[torch.tensor(step.sample_rows, device=self.device)]
+        if step.sample_rows != list(range(x.shape[0])):
+            x = x[torch.tensor(step.sample_rows, device=self.device)]
         return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps)).float()
 
     def _attention(self, plan: _AttentionPlan, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,13 @@ Decoding on a CPU is bound by how fast the weights stream from memory: every ste
   bytes: a whole decode step of SmolLM2 is 2.0x faster than fp32 at batch 1 (18 vs 37 ms) and 1.9x at
   batch 16 (64 vs 121 ms), and greedy output stays close to fp32 (6 of 8 chat answers identical over
   64 tokens, the other two from token 12 and 38);
-* `aten._weight_int8pack_mm` (weight-only int8) runs at ~2.4 GB/s with fp32 activations, but its bf16 path
-  streams ~9 GB/s: with bf16 activations it is `quantize="int8"` (weights int8 per output row, fp32 in and
-  out; models/weight_only.py has the kernel survey), and `quantize="int4"` uses the int4 group-wise kernel
-  (group 32, the LM head int8 as in models/weight_only.py): a batch-1 step of SmolLM2 takes 11 ms against
-  fp16's 17 (int8: 15). A folder quantized by `llmk quantize` (its `WeightOnlyLinear` modules) is served
-  as stored, whatever `quantize` says; the mode then applies to layers left in fp32;
+* weight-only int8/int4 (`quantize="int8"`: int8 per output row; `"int4"`: group 32, the LM head int8)
+  run on our C++ kernel (models/weight_only.py has the layout, the kernel and its figures): fp32 in and
+  out, activations rounded to int8 per block of 32 inside the kernel, VNNI dot products. All the products
+  of a batch-1 step of SmolLM2 take 4.9 ms int4 and 5.2 ms int8 against fp16's 17 (the aten int4pack /
+  int8pack kernels used before: 7.9 and 14.6). A folder quantized by `llmk quantize` (its
+  `WeightOnlyLinear` modules) is served as stored, whatever `quantize` says; the mode then applies to
+  layers left in fp32;
 * fbgemm's dynamic int8 (`quantized.linear_dynamic`: int8 weights with per-channel scales, activations
   quantized per call with one scale, VNNI int32 accumulation) was the fastest (a step 2.6x fp32 at batch
   1, 3.8x at batch 16), but SmolLM2's activation outliers made its greedy output drift early (0 of 8
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkernel.models.weight_only import WeightOnlyLinear, check_weight_only
+from llmkernel.models.weight_only import WeightOnlyLinear, check_weight_only, dequantize, kernel
 
 QUANTIZE_MODES = ("none", "fp16", "int8", "int4")
 INT4_GROUP_SIZE = 32  # for `quantize="int4"` on an fp32 folder: divides every hidden size a multiple of 32
@@ -57,24 +58,28 @@ class Linear:
 
 
 class WeightOnly:
-    """A `WeightOnlyLinear`'s kernel called directly on [N, in] rows: no nn.Module hooks, no reshapes, and
-    the kernel's bf16 output is returned as is (with an fp32 bias: fp32). Callers that need fp32 convert;
-    `x + y` with fp32 x promotes by itself, which saves two conversions per layer."""
+    """A `WeightOnlyLinear`'s product called directly on [N, in] fp32 rows, fp32 out: no nn.Module hooks, no
+    reshapes, no dtype conversions. Our int4/int8 CPU kernel (models/weight_only_kernels.cpp) where it
+    builds; else the weight is dequantized once to fp32 and multiplied as `Linear` does."""
 
     def __init__(self, module: WeightOnlyLinear) -> None:
         self.out_features = module.out_features
         self.module = module
-        self.int4 = module.bits == 4
-        self.packed, self.scales, self.bias = module.packed_weight, module.scales, module.bias
-        self.group_size = module.group_size
+        self.bits, self.group_size, self.bias = module.bits, module.group_size, module.bias
+        self.packed = module.packed_weight
+        self.scales = module.scales.float() if module.bits == 8 else module.scales  # the kernel reads fp32
+        ext = kernel() if self.packed.device.type == "cpu" and module.in_features % 32 == 0 else None
+        self.mm = None if ext is None else ext.int4_mm if self.bits == 4 else ext.int8_mm
+        if self.mm is None:
+            self.fallback = Linear(dequantize(self.packed, module.scales, self.bits), self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.bfloat16)
-        if self.int4:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
-        return y if self.bias is None else torch.add(self.bias, y)
+        x = x if x.dtype == torch.float32 else x.float()
+        if self.mm is None:
+            return self.fallback(x)
+        if self.bits == 4:
+            return self.mm(x, self.packed, self.scales, self.group_size, self.bias)
+        return self.mm(x, self.packed, self.scales, self.bias)
 
 
 class Concatenated:

@@ -289,3 +289,37 @@ def test_cli_bad_sparsity_is_one_line_exit_2(classifier, tmp_path):
     assert result.returncode == 2
     assert "sparsity" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.e2e
+def test_quantized_folders_through_the_cli_are_served_as_stored(classifier, llama_folder, tmp_path):
+    """`llmk quantize` from the CLI, then `llmk serve`'s app on each result: the decoder's engine runs the
+    packed int4 weights (no re-quantizing at load) and greedy text equals the quantized model's own."""
+    from llmkernel.models.loading import load_tokenizer_for
+    from llmkernel.models.weight_only import WeightOnlyLinear
+    from tests.serve.conftest import running_client
+
+    for model, out, mode in (
+        (llama_folder, tmp_path / "int4", "int4"),
+        (classifier, tmp_path / "int8", "int8"),
+    ):
+        result = run_llmk("quantize", str(model), "--mode", mode, "--out", str(out), "--measure.repeats", "1")
+        assert result.returncode == 0, result.stderr
+        assert "written to" in result.stdout
+    with running_client(tmp_path / "int4") as client:
+        response = client.post(
+            "/v1/completions", json={"prompt": "Hello world", "max_tokens": 8, "temperature": 0}
+        )
+        assert response.status_code == 200, response.text
+        served = response.json()["choices"][0]["text"]
+    model = load_model(tmp_path / "int4", "decoder")
+    assert any(isinstance(m, WeightOnlyLinear) for m in model.modules())
+    tokenizer = load_tokenizer_for(tmp_path / "int4")
+    ids = tokenizer("Hello world", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert served == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)[: len(served)]
+    with running_client(tmp_path / "int8") as client:
+        response = client.post("/v1/classify", json={"input": ["hello paris", "call me"]})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"]) == 2

@@ -1,4 +1,5 @@
-"""WeightOnlyLinear and quantize_weight_only on tiny Llamas: accuracy, saving and loading, tied heads, errors."""
+"""WeightOnlyLinear and quantize_weight_only on tiny Llamas: accuracy, saving and loading, tied heads, errors;
+the C++ kernel against the dequantized product, and the fallback without it."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmkernel.models import weight_only
 from llmkernel.models.weight_only import (
     WeightOnlyLinear,
+    dequantize,
     prepare_weight_only,
     quantize_int4,
     quantize_weight_only,
 )
+from llmkernel.serve.quantize import WeightOnly
 from tests.tiny_models import tiny_llama
 
 VOCAB = 256
@@ -122,6 +127,62 @@ def test_concatenated_packed_rows_equal_packing_the_concatenation() -> None:
         [WeightOnlyLinear.from_linear(p, bits=4, group_size=32) for p in parts]
     )
     assert torch.equal(fused.packed_weight, packed) and torch.equal(fused.scales, scales)
-    # int4 packing interleaves blocks of 64 rows: parts of 32 rows cannot be joined as packed
-    small = [WeightOnlyLinear.from_linear(nn.Linear(64, 32), bits=4, group_size=32) for _ in range(2)]
-    assert WeightOnlyLinear.concatenate(small) is None
+    # rows are independent, so any row counts join; different settings do not
+    small = [WeightOnlyLinear.from_linear(nn.Linear(64, n), bits=4, group_size=32) for n in (7, 9)]
+    assert WeightOnlyLinear.concatenate(small).out_features == 16
+    mixed = [WeightOnlyLinear.from_linear(nn.Linear(64, 8), bits=b, group_size=32) for b in (4, 8)]
+    assert WeightOnlyLinear.concatenate(mixed) is None
+
+
+def quantized_input(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel rounds it: int8 per block of 32, scale max|x| / 127."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(scale > 0, scale, 1)) * scale).reshape(x.shape)
+
+
+def built_kernel():
+    problem = weight_only.load_kernel()
+    if problem:
+        pytest.skip(f"the weight-only kernel did not build: {problem}")
+    return weight_only.kernel()
+
+
+# in 32, 96, 160: 1, 3, 5 blocks (odd: the int4 kernel's last block pair is half empty); odd output rows
+KERNEL_SHAPES = [(7, 32), (13, 96), (9, 160), (70, 128), (5, 256)]
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 64), (4, 128), (8, None)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 17])
+def test_kernel_equals_dequantized_product_of_rounded_input(
+    bits: int, group_size: int | None, rows: int
+) -> None:
+    built_kernel()
+    torch.manual_seed(rows)
+    for out_features, in_features in KERNEL_SHAPES:
+        if bits == 4 and in_features % group_size:
+            continue
+        linear = nn.Linear(in_features, out_features)
+        module = WeightOnlyLinear.from_linear(linear, bits=bits, group_size=group_size)
+        weight = dequantize(module.packed_weight, module.scales, bits)
+        x = torch.randn(rows, in_features) * torch.rand(in_features) * 3  # uneven block scales
+        x[0, :32] = 0  # an all-zero block has scale 0
+        expected = F.linear(quantized_input(x), weight, module.bias)
+        torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # and the input's rounding costs little against fp32 x
+            assert relative_error(module(x), F.linear(x, weight, module.bias)) < 0.01
+
+
+def test_fallback_without_the_kernel_multiplies_by_the_dequantized_weight(monkeypatch) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 24)
+    modules = {bits: WeightOnlyLinear.from_linear(linear, bits=bits, group_size=32) for bits in (4, 8)}
+    monkeypatch.setattr(weight_only, "_kernel", "RuntimeError: no compiler")
+    assert weight_only.load_kernel() == "RuntimeError: no compiler" and weight_only.kernel() is None
+    x = torch.randn(3, 96)
+    for bits, module in modules.items():
+        expected = F.linear(x, dequantize(module.packed_weight, module.scales, bits), linear.bias)
+        torch.testing.assert_close(module(x), expected)
+        projection = WeightOnly(module)  # the serving wrapper: dequantized once, fp32 products
+        assert projection.mm is None
+        torch.testing.assert_close(projection(x), expected)

@@ -108,8 +108,8 @@ def test_hf_fallback_matches_hf_for_other_architectures() -> None:
 
 @pytest.mark.parametrize(
     ("bits", "group_size", "width", "fused"),
-    # width 64: k/v have 32 output rows, not whole int4 blocks of 64, so qkv runs as 3 products
-    [(8, None, 64, True), (4, 32, 64, False), (4, 64, 128, True)],
+    # packed rows are independent: q, k and v always fuse into one product
+    [(8, None, 64, True), (4, 32, 64, True), (4, 64, 128, True)],
 )
 def test_weight_only_model_gives_hf_greedy_tokens(
     bits: int, group_size: int | None, width: int, fused: bool
@@ -127,3 +127,24 @@ def test_weight_only_model_gives_hf_greedy_tokens(
         tokens.append(int(decoder.forward(step)[0].argmax()))
     expected = reference(model, prompt + tokens[:-1])[len(prompt) - 1 :]  # HF with the same modules
     assert expected.argmax(dim=-1).tolist() == tokens
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, 32)])
+def test_fused_decode_layers_match_the_python_forward(bits: int, group_size: int | None) -> None:
+    from llmkernel.models.weight_only import load_kernel
+
+    if load_kernel():
+        pytest.skip("the weight-only kernel did not build")
+    model = tiny_llama(320, width=64, max_position_embeddings=512)
+    quantize_weight_only(model, bits=bits, group_size=group_size)
+    fused, python = (LlamaDecoder(model, num_slots=3, max_len=512) for _ in range(2))
+    assert fused.fused_layers is not None
+    python.fused_layers = None
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 9)]
+    for decoder in (fused, python):
+        for slot, prompt in zip((2, 0), prompts):  # slots out of order, different lengths
+            prefill(decoder, slot, prompt)
+    step = Step([3, 4], decode_slots=[2, 0], decode_positions=[5, 9], sample_rows=[1, 0])
+    for _ in range(3):
+        torch.testing.assert_close(fused.forward(step), python.forward(step), atol=1e-4, rtol=1e-4)
+        step.decode_positions = [p + 1 for p in step.decode_positions]
