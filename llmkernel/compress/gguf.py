@@ -360,26 +360,6 @@ def export_gguf(model_folder: Path, out_file: Path, *, dtype: str) -> dict[str, 
 # ------------------------------------------------------------------------------------------ check with llama.cpp
 
 
-def _torch_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """`new_tokens` greedy (argmax) tokens after `prompt_ids`, with the KV cache; never stops at eos."""
-    import inspect
-
-    import torch
-
-    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns); serve/decoder.py does the same
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    generated: list[int] = []
-    cache = None
-    step = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            output = model(input_ids=step, use_cache=True, logits_to_keep=1, **{name: cache})
-            cache = getattr(output, name)
-            generated.append(int(output.logits[0, -1].argmax()))
-            step = torch.tensor([[generated[-1]]])
-    return generated
-
-
 def _first_difference(a: list[int], b: list[int]) -> int | None:
     for index, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -405,6 +385,7 @@ def check_gguf(
     """
     import llama_cpp  # the llamacpp extra: an ImportError names it to the caller
 
+    from llmkernel.compress.measure import greedy
     from llmkernel.models.loading import load_model, load_tokenizer_for, read_model_config
 
     tokenizer = load_tokenizer_for(model_folder)
@@ -437,7 +418,7 @@ def check_gguf(
 
     model = load_model(model_folder, "decoder").eval()
     start = time.perf_counter()
-    generated_ours = _torch_greedy(model, prompt_ids, new_tokens)
+    generated_ours, _ = greedy(model, prompt_ids, new_tokens)
     torch_ms = (time.perf_counter() - start) * 1000
     return {
         "vocab_equal": vocab_equal,

@@ -10,6 +10,7 @@ greedy-token agreement with the source over the prompts, and the largest logit e
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -97,26 +98,28 @@ def encoder_speed(model: torch.nn.Module, config: MeasureConfig) -> dict[str, fl
 
 
 @torch.inference_mode()
-def greedy(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int) -> tuple[list[int], float]:
-    """Greedy continuation of `prompt` at batch 1 with the KV cache; (token ids, decode seconds)."""
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    out = model(input_ids=ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[0, -1].argmax()
-    tokens = [int(token)]
-    started = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[0, -1].argmax()
-        tokens.append(int(token))
+def greedy(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """`new_tokens` greedy (argmax) tokens after `prompt_ids` at batch 1 with the KV cache, never stopping
+    at eos; (token ids, seconds spent decoding after the prompt)."""
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns); serve/decoder.py does the same
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    step, cache, tokens = torch.tensor([prompt_ids]), None, []
+    started = None
+    for _ in range(new_tokens):
+        output = model(input_ids=step, use_cache=True, logits_to_keep=1, **{name: cache})
+        cache = getattr(output, name)
+        tokens.append(int(output.logits[0, -1].argmax()))
+        step = torch.tensor([[tokens[-1]]])
+        started = started or time.perf_counter()  # the prompt's forward is not decoding
     return tokens, time.perf_counter() - started
 
 
 def decoder_speed(model: torch.nn.Module, tokenizer, config: MeasureConfig) -> tuple[dict[str, float], list]:
     """Single-stream decode speed over the fixed prompts (after one warm-up), and the greedy tokens."""
-    greedy(model, tokenizer, PROMPTS[0], 4)
+    greedy(model, tokenizer(PROMPTS[0])["input_ids"], 4)
     generated, seconds = [], 0.0
     for prompt in PROMPTS:
-        tokens, elapsed = greedy(model, tokenizer, prompt, config.decode_tokens)
+        tokens, elapsed = greedy(model, tokenizer(prompt)["input_ids"], config.decode_tokens)
         generated.append(tokens)
         seconds += elapsed
     decoded = len(PROMPTS) * (config.decode_tokens - 1)
