@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 from llmkernel.config import check, option
 from llmkernel.tasks import FINETUNE_TASKS
-from llmkernel.train.config import FinetuneDataConfig, OptimConfig, TrainConfig
+from llmkernel.train.config import (
+    FinetuneDataConfig,
+    OptimConfig,
+    TrainConfig,
+    finetune_optim_defaults,
+    finetune_train_defaults,
+)
 
 QUANTIZE_MODES = ("int8", "int4")
 PRUNE_METHODS = ("structured", "unstructured")
@@ -97,8 +103,8 @@ class RecoveryConfig:
         0.5, "weight of the distillation loss; the task loss gets 1 - this (0: plain fine-tuning)"
     )
     data: FinetuneDataConfig = option(factory=FinetuneDataConfig)
-    train: TrainConfig = option(factory=lambda: _recovery_train())
-    optim: OptimConfig = option(factory=lambda: _recovery_optim())
+    train: TrainConfig = option(factory=finetune_train_defaults)
+    optim: OptimConfig = option(factory=finetune_optim_defaults)
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "steps", "must be >= 0")
@@ -109,16 +115,6 @@ class RecoveryConfig:
             "data.train",
             "recovery (--recover.steps > 0) needs a training file: --recover.data.train",
         )
-
-
-def _recovery_train() -> TrainConfig:
-    return TrainConfig(batch_size=32, seq_len=0, max_steps=0, eval_every=0, checkpoint_every=0, log_every=10)
-
-
-def _recovery_optim() -> OptimConfig:
-    return OptimConfig(
-        lr=0.0, warmup_steps=-1, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01, beta2=0.999
-    )
 
 
 @dataclass
@@ -199,8 +195,8 @@ class DistillConfig:
     distill_weight: float = option(0.5, "weight of the distillation loss; the task loss gets 1 - this")
     epochs: float = option(0.0, "passes over the training data (0: from its size, aiming at ~800 steps)")
     data: FinetuneDataConfig = option(factory=FinetuneDataConfig)
-    train: TrainConfig = option(factory=_recovery_train)
-    optim: OptimConfig = option(factory=_recovery_optim)
+    train: TrainConfig = option(factory=finetune_train_defaults)
+    optim: OptimConfig = option(factory=finetune_optim_defaults)
     measure: MeasureConfig = option(factory=MeasureConfig)
     resume: bool = option(False, "continue from the last checkpoint in --out")
     force: bool = option(False, "start over even if --out holds checkpoints or a finished run")

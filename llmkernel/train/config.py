@@ -212,7 +212,7 @@ class AdversarialConfig:
         check(self.steps >= 1, "steps", "must be >= 1")
 
 
-def _finetune_train() -> TrainConfig:
+def finetune_train_defaults() -> TrainConfig:
     return TrainConfig(
         batch_size=32,
         seq_len=0,
@@ -224,7 +224,7 @@ def _finetune_train() -> TrainConfig:
     )
 
 
-def _finetune_optim() -> OptimConfig:
+def finetune_optim_defaults() -> OptimConfig:
     # BERT-style fine-tuning: linear decay to 0 after a short warmup, light decay, Adam's usual beta2.
     return OptimConfig(
         lr=0.0, warmup_steps=-1, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01, beta2=0.999
@@ -256,8 +256,8 @@ class FinetuneConfig:
     data: FinetuneDataConfig = option(factory=FinetuneDataConfig)
     lora: LoraConfig = option(factory=LoraConfig)
     adversarial: AdversarialConfig = option(factory=AdversarialConfig)
-    train: TrainConfig = option(factory=_finetune_train)
-    optim: OptimConfig = option(factory=_finetune_optim)
+    train: TrainConfig = option(factory=finetune_train_defaults)
+    optim: OptimConfig = option(factory=finetune_optim_defaults)
     resume: bool = option(False, "continue from the last checkpoint in --out")
     force: bool = option(False, "start over even if --out holds checkpoints or a finished run")
     progress: bool = option(True, "show a progress bar")
