@@ -63,11 +63,23 @@ def train_losses(out) -> list[float]:
     return [r["loss"] for r in records if r["split"] == "train"]
 
 
+# Measured: 2-process FSDP vs one process, the key biases differ by 1.3e-5 (their values are ~6.5e-5, all
+# grown from noise); every other weight by at most 6e-8.
+NOISE_ONLY_ATOL = 1e-4
+
+
 def assert_same_weights(folder, reference, atol: float = 1e-5) -> None:
+    """Equal weights to `atol`. A BERT key bias has an exactly zero gradient (softmax ignores a constant
+    added to every score of a query), so what moves it is rounding noise, which Adam's normalization scales
+    up to steps of the learning rate's size; those are compared only to the size such steps reach."""
     weights, expected = load_file(folder / "model.safetensors"), load_file(reference / "model.safetensors")
     assert weights.keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(weights[name], value, atol=atol, rtol=0, msg=name)
+        tolerance = NOISE_ONLY_ATOL if name.endswith("attention.self.key.bias") else atol
+        difference = float((weights[name] - value).abs().max())
+        torch.testing.assert_close(
+            weights[name], value, atol=tolerance, rtol=0, msg=f"{name}: {difference:.2e}"
+        )
 
 
 # ------------------------------------------------------------------------------------ the helpers
