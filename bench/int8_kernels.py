@@ -57,29 +57,7 @@ def candidates(in_features: int, out_features: int) -> dict[str, Callable[[torch
         x_int8 = torch.round(x / token_scale).to(torch.int8)
         return torch._int_mm(x_int8, weight_t) * (token_scale * scale) + bias
 
-    def onednn_static(x: torch.Tensor) -> torch.Tensor:
-        x_uint8 = torch.clamp(torch.round(x / static_scale) + 128, 0, 255).to(torch.uint8)
-        return torch.ops.onednn.qlinear_pointwise(
-            x_uint8,
-            static_scale,
-            128,
-            packed_onednn,
-            scale,
-            zeros,
-            bias,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
-        )
-
-    def onednn_pointwise_dynamic(x: torch.Tensor) -> torch.Tensor:
-        low, high = torch.aminmax(x)
-        x_scale = float((high - low).clamp_min(1e-8)) / 255
-        zero_point = int(torch.round(-low / x_scale).clamp(0, 255))
-        x_uint8 = torch.clamp(torch.round(x / x_scale) + zero_point, 0, 255).to(torch.uint8)
+    def onednn_pointwise(x_uint8: torch.Tensor, x_scale: float, zero_point: int) -> torch.Tensor:
         return torch.ops.onednn.qlinear_pointwise(
             x_uint8,
             x_scale,
@@ -95,6 +73,17 @@ def candidates(in_features: int, out_features: int) -> dict[str, Callable[[torch
             [],
             "",
         )
+
+    def onednn_static(x: torch.Tensor) -> torch.Tensor:
+        x_uint8 = torch.clamp(torch.round(x / static_scale) + 128, 0, 255).to(torch.uint8)
+        return onednn_pointwise(x_uint8, static_scale, 128)
+
+    def onednn_pointwise_dynamic(x: torch.Tensor) -> torch.Tensor:
+        low, high = torch.aminmax(x)
+        x_scale = float((high - low).clamp_min(1e-8)) / 255
+        zero_point = int(torch.round(-low / x_scale).clamp(0, 255))
+        x_uint8 = torch.clamp(torch.round(x / x_scale) + zero_point, 0, 255).to(torch.uint8)
+        return onednn_pointwise(x_uint8, x_scale, zero_point)
 
     module_dynamic = Int8Linear.from_linear(linear)
     module_static = Int8Linear.from_linear(linear, input_scale=torch.tensor(static_scale))

@@ -13,6 +13,7 @@ reported beside it.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ def quantize(config: QuantizeConfig) -> dict[str, Any]:
     source = load_model(job.source, job.kind).eval()
     print(f"measuring the source model {job.source} ...")
     before = measure(source, tokenizer, job.kind, job.source, config.measure)
-    model = load_model(job.source, job.kind).eval()
+    model = copy.deepcopy(source)  # the copy to quantize; the source stays for the comparison
     spec = _quantize_in_place(model, tokenizer, job, config)
 
     with staging_folder(job.out) as stage:

@@ -226,16 +226,21 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int | None, name: str = "layer"):
-        """The quantized copy of `linear` (its weight is read, not kept)."""
+    def shell_for(cls, linear: nn.Linear, *, bits: int, group_size: int | None, name: str = "layer"):
+        """An empty module of `linear`'s shape (checked for `bits` and `group_size`), to be filled."""
         check_weight_only(name, linear.in_features, linear.out_features, bits, group_size)
-        module = cls(
+        return cls(
             linear.in_features,
             linear.out_features,
             bits=bits,
             group_size=group_size,
             bias=linear.bias is not None,
         )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int | None, name: str = "layer"):
+        """The quantized copy of `linear` (its weight is read, not kept)."""
+        module = cls.shell_for(linear, bits=bits, group_size=group_size, name=name)
         weight = linear.weight.detach().to("cpu")
         packed, scales = quantize_int4(weight, group_size) if bits == 4 else quantize_int8(weight)
         module.packed_weight, module.scales = packed, scales
@@ -357,12 +362,8 @@ def prepare_weight_only(model: nn.Module, names: list[str], *, bits: int, group_
     for name in names:
         linear = model.get_submodule(name)
         layer_bits, layer_group = _bits_for(linear, head, bits, group_size)
-        check_weight_only(name, linear.in_features, linear.out_features, layer_bits, layer_group)
-        shell = WeightOnlyLinear(
-            linear.in_features,
-            linear.out_features,
-            bits=layer_bits,
-            group_size=layer_group,
-            bias=linear.bias is not None,
+        _replace(
+            model,
+            name,
+            WeightOnlyLinear.shell_for(linear, bits=layer_bits, group_size=layer_group, name=name),
         )
-        _replace(model, name, shell)
