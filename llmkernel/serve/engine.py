@@ -13,6 +13,10 @@ New requests join at every step, and finished ones leave at every step, so a lon
 blocks a short one (continuous batching, as in Orca, OSDI '22, and vLLM). Events cross to the client's
 asyncio loop with `loop.call_soon_threadsafe`; torch releases the GIL inside the forward, so the server
 keeps answering while the model runs.
+
+Faults stay visible and bounded: a failed step fails the sequences it ran and the engine goes on; if the
+scheduler thread itself dies, every request still waiting or running ends with finish_reason "error" and
+`submit` refuses new ones; `health()` says which of the two is happening.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ import torch
 from llmkernel.models.loading import load_model, load_tokenizer_for, resolve_model
 from llmkernel.serve.decoder import HFDecoder, LlamaDecoder, PrefillChunk, Step, supports_fast_path
 from llmkernel.serve.quantize import QUANTIZE_MODES
+from llmkernel.serve.text import MAX_STOP_CHARS, MAX_STOPS, TextStream
 
 log = logging.getLogger("llmkernel.serve")
 DEFAULT_MAX_MODEL_LEN = 4096  # cap on the model's own context length: bounds the KV cache's memory
+UNHEALTHY_AFTER_FAILURES = 3  # consecutive failed steps after which health() reports the engine unhealthy
 
 
 @dataclass
@@ -60,6 +66,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if len(self.stop) > MAX_STOPS:
+            raise ValueError(f"stop takes at most {MAX_STOPS} strings, got {len(self.stop)}")
+        if (longest := max(map(len, self.stop), default=0)) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings take at most {MAX_STOP_CHARS} characters, got one of {longest}")
 
 
 @dataclass
@@ -129,51 +139,6 @@ class RequestHandle:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the client's loop is closed: nobody is listening any more
             self.cancelled = True
-
-
-class TextStream:
-    """Incremental detokenization plus stop strings for one sequence.
-
-    Decoding each token alone breaks multi-byte characters and word-boundary spaces, so we decode a
-    window that starts a few tokens back and emit only what it adds; a trailing U+FFFD means a character
-    is still incomplete and we wait. Text that could be the start of a stop string is held back until
-    it either completes the stop string (then dropped) or cannot any more (then emitted).
-    """
-
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids = list(prompt_ids[-4:])  # context for the first tokens' spacing
-        self.prefix = 0  # decoding window start in self.ids
-        self.read = len(self.ids)  # tokens before this are already in self.text
-        self.text = ""  # completion text decoded so far
-        self.sent = 0  # characters of self.text already emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Append a token; returns (text to emit now, whether a stop string was reached)."""
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix : self.read])
-        window = self._decode(self.ids[self.prefix :])
-        if len(window) > len(before) and not window.endswith("\ufffd"):
-            self.text += window[len(before) :]
-            self.prefix, self.read = self.read, len(self.ids)
-        if not self.stop:
-            return self.flush(), False
-        # A stop string can only start in the unsent text: anything that could begin one was held back.
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            delta, self.sent = self.text[self.sent : min(hits)], len(self.text)
-            return delta, True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = max(self.sent, len(self.text) - hold)
-        delta, self.sent = self.text[self.sent : end], end
-        return delta, False
-
-    def flush(self) -> str:
-        delta, self.sent = self.text[self.sent :], len(self.text)
-        return delta
 
 
 @dataclass
@@ -255,6 +220,9 @@ class GenerationEngine:
         self._free_slots = list(range(max_batch_size))  # a heap: lowest slot first keeps attention short
         self._accepting, self._cancel_all, self._exit = True, False, False
         self._thread: threading.Thread | None = None
+        self._thread_ended: str | None = None  # why the scheduler thread ended, once it has
+        self._thread_error: str | None = None  # the error that killed it, if one did
+        self._failed_steps, self._last_step_error = 0, ""  # consecutive failed steps, for health()
         self.model = None
         self.ready = False
 
@@ -295,7 +263,7 @@ class GenerationEngine:
         deadline = time.monotonic() + drain_timeout_s
         with self._wake:
             self._accepting = False
-            while (self._waiting or self._running) and self._thread is not None:
+            while (self._waiting or self._running) and self._thread is not None and self._thread.is_alive():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -306,6 +274,21 @@ class GenerationEngine:
         if self._thread is not None:
             self._thread.join(timeout=60)
         self.ready = False
+
+    def health(self) -> str | None:
+        """None while the engine generates; else one line saying why not.
+
+        The scheduler thread has stopped (after `start`): "the generation thread has stopped: <why>"
+        (its error's first line, or "stop() was called"); or the last n >= UNHEALTHY_AFTER_FAILURES steps
+        all failed, until one succeeds: "the last <n> generation steps failed: <the last error's first
+        line>".
+        """
+        thread = self._thread
+        if thread is not None and (self._thread_ended is not None or not thread.is_alive()):
+            return f"the generation thread has stopped: {self._thread_ended or 'it exited'}"
+        if self._failed_steps >= UNHEALTHY_AFTER_FAILURES:
+            return f"the last {self._failed_steps} generation steps failed: {self._last_step_error}"
+        return None
 
     @property
     def num_running(self) -> int:
@@ -327,7 +310,7 @@ class GenerationEngine:
 
         Raises:
             ValueError: empty prompt, prompt too long, or prompt + max_tokens over max_model_len.
-            RuntimeError: the engine is stopping.
+            RuntimeError: the engine is stopping, or its generation thread has stopped.
         """
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
@@ -363,6 +346,10 @@ class GenerationEngine:
             deadline=now + self.request_timeout_s,
         )
         with self._wake:
+            if self._thread_error is not None:
+                raise RuntimeError(
+                    f"the generation thread has stopped; no new requests until a restart ({self._thread_error})"
+                )
             if not self._accepting:
                 raise RuntimeError("the engine is stopping and takes no new requests")
             self._waiting.append(sequence)
@@ -383,6 +370,24 @@ class GenerationEngine:
     # ------------------------------------------------------------------ the scheduler
 
     def _loop(self) -> None:
+        """The scheduler thread. However it ends, no request is left waiting for events that never come."""
+        ended, error_line = "stop() was called", None
+        try:
+            self._schedule()
+        except BaseException as error:  # a bug, or a BaseException from the model: the thread is done
+            ended = error_line = _first_line(error)
+            log.critical("the generation thread stopped", exc_info=True)
+        finally:
+            with self._wake:
+                self._thread_ended, self._thread_error, self._accepting = ended, error_line, False
+                for sequence in [*self._waiting, *self._running]:
+                    sequence.handle.finish_reason = "error"
+                    sequence.handle._deliver(TokenEvent(None, "", "error"))
+                self._waiting.clear()
+                self._running.clear()  # no model.free: the model may be what failed
+                self._wake.notify_all()
+
+    def _schedule(self) -> None:
         torch.set_num_threads(self.num_threads)  # the thread pool size is per thread in OpenMP builds
         while True:
             with self._wake:
@@ -393,8 +398,9 @@ class GenerationEngine:
                     return
             try:
                 self._step()
-            except Exception:  # a failed step must not stop the server: fail what was running, go on
+            except Exception as error:  # a failed step must not stop the server: fail what was running, go on
                 log.exception("generation step failed")
+                self._failed_steps, self._last_step_error = self._failed_steps + 1, _first_line(error)
                 with self._wake:
                     for sequence in list(self._running):
                         self._finish(sequence, TokenEvent(None, "", "error"))
@@ -417,6 +423,7 @@ class GenerationEngine:
         logits = self.model.forward(step)  # [len(sampled), vocab]
         # Sampling runs on CPU: the per-request generators live there (a [rows, vocab] copy per step).
         tokens = _sample(logits.cpu(), [s.params for s in sampled], [s.generator for s in sampled])
+        self._failed_steps = 0
         with self._wake:
             for sequence, token in zip(sampled, tokens):
                 if sequence.handle.finish_reason is None and not sequence.handle.cancelled:
@@ -466,16 +473,22 @@ class GenerationEngine:
             handle._deliver(TokenEvent(token, text, None))
 
     def _finish(self, sequence: Sequence, event: TokenEvent) -> None:
-        """Send the last event and free the sequence's slot (caller holds self._wake)."""
+        """Free the sequence's slot, then send the last event (caller holds self._wake).
+
+        In this order a client that sees its last event also sees the slot free (num_running); the event
+        goes out even if freeing fails, since the sequence has left the lists that a dying thread ends.
+        """
         sequence.handle.finish_reason = event.finish_reason
-        sequence.handle._deliver(event)
-        if sequence in self._waiting:
-            self._waiting.remove(sequence)
-        if sequence in self._running:
-            self._running.remove(sequence)
-            self.model.free(sequence.slot)
-            heapq.heappush(self._free_slots, sequence.slot)
-        self._wake.notify_all()  # stop() waits for the engine to empty
+        try:
+            if sequence in self._waiting:
+                self._waiting.remove(sequence)
+            if sequence in self._running:
+                self._running.remove(sequence)
+                self.model.free(sequence.slot)
+                heapq.heappush(self._free_slots, sequence.slot)
+        finally:
+            sequence.handle._deliver(event)
+            self._wake.notify_all()  # stop() waits for the engine to empty
 
     def _end_all(self, reason: str) -> None:
         for sequence in [*self._waiting, *self._running]:
@@ -503,6 +516,12 @@ def _sample(
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         tokens[row] = int(torch.multinomial(probs, 1, generator=generator))
     return tokens
+
+
+def _first_line(error: BaseException) -> str:
+    """'Type: message' of an error, first line only (health reasons are one line)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _eos_ids(model_dir: Path, config, tokenizer) -> set[int]:

@@ -4,6 +4,7 @@ every way a request ends (length, eos, stop string, cancel, timeout, drain) free
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from transformers import (
 
 from llmkernel.data.config import TokenizerConfig
 from llmkernel.data.tokenizer import train_tokenizer
-from llmkernel.serve.engine import GenerationEngine, SamplingParams, TextStream, _sample
+from llmkernel.serve.engine import GenerationEngine, SamplingParams, _sample
+from llmkernel.serve.text import MAX_STOP_CHARS, MAX_STOPS, TextStream
 from tests.tiny_models import make_tiny_llama
 
 SENTENCES = [
@@ -125,10 +127,11 @@ def test_max_batch_size_leaves_the_rest_waiting(llama_dir, hf_model) -> None:
         engine.stop(0)
 
 
-def test_stop_string_ends_the_text_before_it(engine) -> None:
+@pytest.mark.parametrize("stop_chars", [3, 20])  # 20 characters span several tokens
+def test_stop_string_ends_the_text_before_it(engine, stop_chars: int) -> None:
     params = SamplingParams(max_tokens=30, temperature=0.0)
     _, text, _ = engine.generate(PROMPTS[1], params)
-    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + stop_chars]
     cut = text.index(stop)
     ids, stopped_text, reason = engine.generate(
         PROMPTS[1], SamplingParams(max_tokens=30, temperature=0, stop=[stop])
@@ -191,6 +194,11 @@ def test_too_long_prompts_and_bad_params_raise_value_error(engine) -> None:
         engine.submit([10_000], GREEDY)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match=f"at most {MAX_STOPS} strings"):
+        SamplingParams(stop=["x"] * (MAX_STOPS + 1))
+    with pytest.raises(ValueError, match=f"at most {MAX_STOP_CHARS} characters, got one of 513"):
+        SamplingParams(stop=["x", "y" * (MAX_STOP_CHARS + 1)])
+    SamplingParams(stop=["z" * MAX_STOP_CHARS] * MAX_STOPS)  # the limits themselves are allowed
 
 
 def test_stop_drains_running_requests_then_refuses_new_ones(llama_dir) -> None:
@@ -265,6 +273,102 @@ def test_text_stream_waits_for_whole_characters_and_holds_back_stop_strings(llam
     results = [stream.add(token) for token in ids[:-1]]  # the stop string completes at "do"
     assert [stopped for _, stopped in results] == [False] * (len(ids) - 2) + [True]
     assert "".join(delta for delta, _ in results) == "fox ✓"
+
+
+class QuadraticTextStream(TextStream):
+    """TextStream.add as it was before linear stop matching: the reference for the equivalence test."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]) -> None:
+        super().__init__(tokenizer, prompt_ids, stop)
+        self.text, self.sent = "", 0
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        window = self._decode(self.ids[self.prefix :])
+        if len(window) > len(before) and not window.endswith("\ufffd"):
+            self.text += window[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        if not self.stop:
+            return self.flush(), False
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            delta, self.sent = self.text[self.sent : min(hits)], len(self.text)
+            return delta, True
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = max(self.sent, len(self.text) - hold)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta, False
+
+    def flush(self) -> str:
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        return delta
+
+
+class ByteTokenizer:
+    """Token ids are byte strings, decoded together as UTF-8: "✓" is 3 tokens, some ids are 2 characters."""
+
+    PIECES = [b"a", b"b", b"ab", b"ba", b"aa", b" ", b"\xe2", b"\x9c", b"\x93", "✓".encode(), b"a\xe2"]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def run_stream(stream: TextStream, ids: list[int]) -> tuple[list[tuple[str, bool]], str]:
+    """Every (delta, stopped) until the stream stops, then what a final flush emits."""
+    results = []
+    for token in ids:
+        results.append(stream.add(token))
+        if results[-1][1]:
+            break
+    return results, stream.flush()
+
+
+def test_linear_stop_matching_emits_and_stops_as_the_quadratic_one(llama_dir) -> None:
+    rng = random.Random(0)
+    toy, real = ByteTokenizer(), PreTrainedTokenizerFast.from_pretrained(llama_dir)
+    stopped = 0
+    for case in range(600):
+        if (
+            case % 2
+        ):  # few letters: stop strings overlap themselves and each other, and partial matches abound
+            tokenizer, ids = toy, [rng.randrange(len(ByteTokenizer.PIECES)) for _ in range(40)]
+            stops = ["".join(rng.choices("ab ✓", k=rng.randint(1, 7))) for _ in range(rng.randint(1, 4))]
+        else:  # the real byte-level BPE, stop strings cut from the text (so most of them are hit)
+            tokenizer, ids = real, [rng.randrange(VOCAB_SIZE) for _ in range(40)]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            starts = [rng.randrange(max(1, len(text))) for _ in range(rng.randint(1, 4))]
+            stops = [text[i : i + rng.randint(1, 12)] or "x" for i in starts]
+        prompt = [rng.randrange(len(ByteTokenizer.PIECES))] if tokenizer is toy else [5, 17]
+        expected = run_stream(QuadraticTextStream(tokenizer, prompt, stops), ids)
+        assert run_stream(TextStream(tokenizer, prompt, stops), ids) == expected, (case, stops)
+        stopped += expected[0][-1][1]
+    assert 200 < stopped < 580  # both outcomes were exercised
+
+
+def test_four_longest_stop_strings_cost_a_few_steps_per_character() -> None:
+    # The worst case of trying every prefix: long runs of "a" keep almost every prefix in play.
+    stops = ["a" * (MAX_STOP_CHARS - 1) + "b", "ab" * (MAX_STOP_CHARS // 2), "a" * MAX_STOP_CHARS]
+    stops.append("".join(random.Random(1).choices("ab", k=MAX_STOP_CHARS)))
+    pieces = ["a", "aa", "b", "ab"]  # mostly a's: a few stop strings get within a character of matching
+    tokenizer = ByteTokenizer()
+    tokenizer.PIECES = [p.encode() for p in pieces]
+    stream, rng = TextStream(tokenizer, [], stops), random.Random(2)
+    characters = 0
+    for _ in range(3000):
+        token = rng.choices(range(len(pieces)), weights=[50, 50, 1, 1])[0]
+        steps = stream.matcher.steps
+        delta, stopped = stream.add(token)
+        if stopped:
+            break
+        new = len(pieces[token])
+        characters += new
+        # KMP: each new character one step, plus fallbacks bounded by the state (< len(stop)) and by n
+        assert stream.matcher.steps - steps <= sum(2 * new + len(stop) for stop in stops)
+        assert len(stream.held) <= MAX_STOP_CHARS - 1
+    assert characters > 2000  # it ran long enough to mean something (no early stop)
+    assert stream.matcher.steps <= 2 * len(stops) * characters  # amortized: two steps a character a string
+    # trying every prefix, as before, compared about 4 * 511 * 512 / 2 = 523,000 characters per token
 
 
 def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(llama_dir) -> None:
