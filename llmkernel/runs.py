@@ -28,12 +28,24 @@ from llmkernel.errors import UserError
 MANIFEST = "run.json"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder: fsync, then rename."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to `path` through a temp file in the same folder: fsync, then rename.
+
+    `mode` (such as 0o600 for a file of secrets) is the file's mode from the moment it is created, so the
+    data is never readable under the default umask; the rename keeps it. None: the umask decides.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
+        if mode is None:
+            handle = open(tmp, "wb")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # a leftover of a crashed run may have another mode; O_EXCL creates ours
+            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            os.fchmod(descriptor, mode)  # the umask may have removed bits of `mode`
+            handle = os.fdopen(descriptor, "wb")
+        with handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -43,12 +55,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, mode: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", mode)
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

@@ -17,7 +17,8 @@ A rules file (`llmk serve --alerts rules.yaml`):
 Every `interval_s` the evaluator snapshots the registry; a windowed value compares the newest snapshot with
 the one `window_s` ago, as PromQL's rate() does (histogram quantiles interpolate inside buckets like
 histogram_quantile). A rule that stays above its threshold for `for_s` fires: one JSON log line and, if a
-webhook is set, a POST in Alertmanager's webhook format; it resolves the same way. `prometheus_rules()`
+webhook is set, a POST in Alertmanager's webhook format (logs name the webhook as scheme://host:port only,
+as its path or query often holds a token); it resolves the same way. `prometheus_rules()`
 turns the same file into Prometheus alerting rules; `deploy/prometheus/llmk-alerts.yml` is that output for
 `deploy/prometheus/llmk-serve-rules.yaml` (`python -m llmkernel.serve.alerts FILE` regenerates it).
 """
@@ -28,6 +29,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections import deque
@@ -36,12 +38,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from prometheus_client import CollectorRegistry
 
 from llmkernel.config import build, check, load_yaml, option
-from llmkernel.errors import ConfigError
+from llmkernel.errors import ConfigError, first_line
 
 ALERT_LOGGER = "llmkernel.serve.alerts"
 
@@ -274,8 +277,36 @@ class AlertEvaluator:
         try:
             async with httpx.AsyncClient(timeout=5.0) as client:
                 (await client.post(self.webhook, json=payload)).raise_for_status()
-        except httpx.HTTPError as error:  # a broken receiver must not stop the evaluator
-            self.log.error(json.dumps({"event": "alert_webhook_failed", "error": str(error)}))
+        except (httpx.HTTPError, httpx.InvalidURL) as error:  # a broken receiver must not stop the evaluator
+            failure = {"event": "alert_webhook_failed", "webhook": redact_url(self.webhook)}
+            self.log.error(json.dumps({**failure, "error": _describe(error)}))
+
+
+def redact_url(url: str) -> str:
+    """scheme://host[:port] of `url`: a webhook URL often holds a secret in its path, query or user part,
+    so logs show only where it points."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # an unparsable port or bracket
+        return "<invalid URL>"
+    if not parts.scheme or not host:
+        return "<invalid URL>"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+
+
+def _describe(error: Exception) -> str:
+    """One line about a failed POST without the URL (httpx quotes it whole in its messages)."""
+    import httpx
+
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code} {error.response.reason_phrase}".strip()
+    text = f"{type(error).__name__}: {first_line(error)}"
+    return _URL.sub(lambda match: redact_url(match.group()), text)
 
 
 if __name__ == "__main__":  # python -m llmkernel.serve.alerts RULES.yaml > llmk-alerts.yml

@@ -1,10 +1,14 @@
-"""API keys, per-key rate limits, the request body size limit and PII masking for the server.
+"""API keys, per-key rate limits and PII masking for the server (gate.py checks them on each request).
 
 * Keys: `llmk keys create` prints a random key once and stores only its SHA-256 in a JSON keys file. A key
   is 256 random bits, so a plain SHA-256 cannot be brute-forced and is cheap enough to check on every
   request (a password hash such as scrypt protects low-entropy secrets and would cost ~50 ms a request).
   Presented keys are hashed and compared with `hmac.compare_digest` against every stored hash, so neither
   the comparison nor the loop ends early on a partial or first match.
+* The keys file is written with mode 0600 from its creation and refused when other users may write to it
+  (they could add a key of their own); every entry is type-checked when it is read. `watch_keys` (a task
+  of the app) and `reload_keys` (for SIGHUP) re-read it when it changes, so a key removed from the file is
+  refused without a restart; a bad new version is logged and the keys loaded before stay in force.
 * Nothing here is a module global: the app gets its `KeyStore`, `RateLimiter` and `PiiMasker` when it is
   built (`create_app`), and the auth dependency reads them from `request.app.state.services`.
 * Rate limits are token buckets (requests per minute and tokens per minute) per key name, refilled
@@ -13,29 +17,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
-import math
+import logging
 import os
+import re
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
-
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from typing import Any
 
 from llmkernel.errors import InputError, UserError
 from llmkernel.pii import PLACEHOLDERS, PiiDetector
 from llmkernel.runs import atomic_write_json
-from llmkernel.serve.schemas import ApiError
 
 KEY_PREFIX = "llmk-"
 ANONYMOUS = "anonymous"  # the caller's name when the server runs without --api_keys
+KEYS_FILE_MODE = 0o600
+log = logging.getLogger("llmkernel.serve")
 
 # ------------------------------------------------------------------------------------------- API keys
 
@@ -55,19 +61,30 @@ def hash_key(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-class KeyStore:
-    """The API keys a server accepts, checked in constant time."""
+# What identifies a version of the keys file: an editor that renames a new file into place changes the
+# inode, one that writes in place changes the size or the modification time.
+FileVersion = tuple[int, int, int]
 
-    def __init__(self, keys: list[ApiKey]) -> None:
-        self.keys = list(keys)
+
+class KeyStore:
+    """The API keys a server accepts, checked in constant time; `refresh` follows edits of the keys file."""
+
+    def __init__(self, keys: list[ApiKey], path: str | Path | None = None) -> None:
+        # A tuple, replaced whole (one assignment) by refresh(): a verify() running meanwhile sees
+        # either the old keys or the new ones, never a mix.
+        self.keys = tuple(keys)
+        self.path = Path(path) if path is not None else None
+        self.version: FileVersion | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> KeyStore:
         """Read a keys file written by `llmk keys create`; InputError if it is missing, malformed or empty."""
-        keys = _read_keys_file(Path(path))
+        keys, version = _read_keys_file(Path(path))
         if not keys:
             raise InputError(f"{path}: holds no keys; add one with: llmk keys create --keys-file {path}")
-        return cls(keys)
+        store = cls(keys, path)
+        store.version = version
+        return store
 
     def verify(self, presented: str) -> ApiKey | None:
         """The key whose hash matches `presented`, or None; compares against every key, no early exit."""
@@ -78,88 +95,171 @@ class KeyStore:
                 found = key
         return found
 
+    def refresh(self, force: bool = False) -> bool:
+        """Re-read the keys file if it changed since it was last read (always with `force`).
 
-def _read_keys_file(path: Path) -> list[ApiKey]:
-    if not path.is_file():
-        raise InputError(f"keys file not found: {path}; create one with: llmk keys create --keys-file {path}")
+        Returns True when the keys were replaced. Raises InputError for a missing or bad file and keeps
+        the keys it had; that version is not read again until the file changes (or `force`). A file
+        emptied of keys is a valid version: every key is revoked.
+        """
+        if self.path is None:
+            return False
+        version = _file_version(self.path)
+        if version == self.version and not force:
+            return False
+        self.version = version  # set before reading, so a bad version is reported once
+        keys, self.version = _read_keys_file(self.path)
+        self.keys = tuple(keys)
+        return True
+
+
+def reload_keys(keys: KeyStore, limiter: RateLimiter, force: bool = True) -> bool:
+    """Re-read the keys file now (for a SIGHUP handler); logs the outcome, True when the keys changed.
+
+    A bad file is logged and the keys loaded before stay in force. The limiter follows the new per-key limits.
+    """
+    count = len(keys.keys)
     try:
-        entries = json.loads(path.read_text(encoding="utf-8")).get("keys", [])
-        keys = [ApiKey(**entry) for entry in entries]
-    except (json.JSONDecodeError, AttributeError, TypeError) as error:
+        if not keys.refresh(force=force):
+            return False
+    except InputError as error:
+        log.error(f"keys file not reloaded, keeping the {count} key(s) loaded before: {error}")
+        return False
+    limiter.update_keys(keys)
+    log.info(f"keys reloaded from {keys.path}: {len(keys.keys)} key(s)")
+    return True
+
+
+async def watch_keys(keys: KeyStore, limiter: RateLimiter, interval_s: float = 1.0) -> None:
+    """Poll the keys file every `interval_s` forever (a task of the app's lifespan), so that a key removed
+    from the file is refused without a restart."""
+    while True:
+        await asyncio.sleep(interval_s)
+        reload_keys(keys, limiter, force=False)
+
+
+def _file_version(path: Path) -> FileVersion | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino
+
+
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+_FIELDS = {field.name for field in dataclasses.fields(ApiKey)}
+
+
+def _read_keys_file(path: Path) -> tuple[list[ApiKey], FileVersion]:
+    """The keys of `path` and the version read; InputError (one line, naming the key and the field)."""
+    create = f"create one with: llmk keys create --keys-file {path}"
+    try:
+        with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())  # of the file read, even if it is replaced meanwhile
+            if stat.S_ISREG(status.st_mode) and status.st_mode & 0o022:
+                raise InputError(
+                    f"{path}: the keys file is writable by other users, who could add keys of their own; "
+                    f"fix with: chmod 600 {path}"
+                )
+            text = handle.read().decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"keys file not found: {path}; {create}") from None
+    except IsADirectoryError:
+        raise InputError(
+            f"{path}: is a folder, not a keys file; give a file, e.g. {path / 'keys.json'}"
+        ) from None
+    except PermissionError:
+        raise InputError(f"{path}: cannot read the keys file (permission denied); run as its owner") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a keys file written by `llmk keys create` (not UTF-8 text)") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the keys file ({error.strerror or error})") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
         raise InputError(f"{path}: not a keys file written by `llmk keys create` ({error})") from None
-    for key in keys:
-        if not key.hash.startswith("sha256:") or len(key.hash) != 71:
-            raise InputError(f"{path}: key '{key.name}' has no valid 'sha256:<hex>' hash")
-    return keys
+    if not isinstance(document, dict) or not isinstance(document.get("keys", []), list):
+        raise InputError(
+            f'{path}: not a keys file written by `llmk keys create` (expected {{"keys": [...]}})'
+        )
+    keys: list[ApiKey] = []
+    for index, entry in enumerate(document.get("keys", [])):
+        keys.append(_check_entry(path, index, entry, {key.name for key in keys}))
+    return keys, (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+def _check_entry(path: Path, index: int, entry: Any, taken: set[str]) -> ApiKey:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    where = f"{path}: key {name!r}" if isinstance(name, str) and name else f"{path}: key #{index + 1}"
+
+    def fail(message: str) -> InputError:
+        return InputError(f"{where}: {message}")
+
+    if not isinstance(entry, dict):
+        raise fail(f"must be an object with name, hash and created, got {json.dumps(entry)}")
+    if unknown := sorted(set(entry) - _FIELDS):
+        raise fail(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(_FIELDS))})")
+    for field in ("name", "hash", "created"):
+        if field not in entry:
+            raise fail(f"{field} is missing")
+        if not isinstance(entry[field], str):
+            raise fail(f"{field} must be a string, got {json.dumps(entry[field])}")
+    if not name:
+        raise fail("name must not be empty")
+    if name in taken:
+        raise fail("the name is used by an earlier key; names must be unique")
+    if not _HASH.fullmatch(entry["hash"]):
+        raise fail("hash must be 'sha256:' and 64 lowercase hex digits, as `llmk keys create` writes it")
+    for field in ("requests_per_minute", "tokens_per_minute"):
+        value = entry.get(field)
+        # bool is an int in Python, but `true` is not a limit
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise fail(f"{field} must be a whole number >= 0, got {json.dumps(value)}")
+    return ApiKey(**entry)
 
 
 def create_key(path: str | Path, name: str | None = None) -> tuple[str, ApiKey]:
-    """Add a new random key to the keys file at `path` (created if missing, mode 0600).
+    """Add a new random key to the keys file at `path` (created if missing, mode 0600 from the start).
 
     Returns the key, which the caller shows once: only its hash is written.
-    Raises UserError when `name` is already taken.
+    Raises UserError when `name` is already taken, InputError when `path` cannot be written.
     """
     path = Path(path)
-    keys = _read_keys_file(path) if path.exists() else []
+    _check_writable(path)
+    keys = _read_keys_file(path)[0] if path.exists() else []
     name = name or f"key-{len(keys) + 1}"
     if any(key.name == name for key in keys):
         raise UserError(f"{path}: a key named '{name}' exists already; choose another --name")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     entry = ApiKey(name=name, hash=hash_key(secret), created=datetime.now(UTC).isoformat(timespec="seconds"))
-    path.parent.mkdir(parents=True, exist_ok=True)
     records = [{k: v for k, v in vars(key).items() if v is not None} for key in [*keys, entry]]
-    atomic_write_json(path, {"keys": records})
-    os.chmod(path, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"keys": records}, mode=KEYS_FILE_MODE)
+    except OSError as error:
+        raise InputError(
+            f"{path}: cannot write the keys file ({error.strerror or error}); "
+            "choose a --keys-file in a folder you can write to"
+        ) from None
     return secret, entry
 
 
-# The scheme declared in the OpenAPI spec; auto_error=False so a missing key becomes our own 401 body.
-bearer_scheme = HTTPBearer(auto_error=False, description="an API key made with `llmk keys create`")
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
-
-
-async def require_api_key(request: Request, credentials: Credentials) -> str:
-    """FastAPI dependency: the caller's key name; 401 when the server has keys and none of them matches."""
-    keys: KeyStore | None = request.app.state.services.keys
-    if keys is None:
-        name = ANONYMOUS
-    else:
-        key = keys.verify(credentials.credentials) if credentials is not None else None
-        if key is None:
-            raise ApiError(
-                401,
-                "missing or invalid API key; send the header 'Authorization: Bearer KEY'",
-                type="authentication_error",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        name = key.name
-    request.state.key_name = name
-    return name
-
-
-async def require_metrics_access(request: Request, credentials: Credentials) -> None:
-    """/metrics needs a key too, unless the server runs with --public_metrics."""
-    if not request.app.state.services.config.public_metrics:
-        await require_api_key(request, credentials)
-
-
-async def limit_request_rate(request: Request, key_name: Annotated[str, Depends(require_api_key)]) -> str:
-    """FastAPI dependency for the /v1 routes: the key name after taking one request from its bucket."""
-    services = request.app.state.services
-    wait = services.limiter.take_request(key_name)
-    if wait > 0:
-        services.metrics.rate_limited.inc()
-        raise rate_limited(wait, "requests per minute")
-    return key_name
-
-
-def rate_limited(wait_s: float, what: str) -> ApiError:
-    return ApiError(
-        429,
-        f"rate limit exceeded ({what}); retry in {math.ceil(wait_s)} s",
-        type="rate_limit_error",
-        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
-    )
+def _check_writable(path: Path) -> None:
+    """InputError naming the fix when `path` is a folder or its folder cannot hold a new file."""
+    if path.is_dir():
+        raise InputError(
+            f"{path}: is a folder; give the keys file inside it, e.g. --keys-file {path / 'keys.json'}"
+        )
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders missing in between are created
+    if not folder.is_dir():
+        raise InputError(f"{path}: {folder} is a file, not a folder; choose another --keys-file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(
+            f"{path}: the folder {folder} is not writable; choose a --keys-file in a folder you can write "
+            f"to, or fix its permissions (ls -ld {folder})"
+        )
 
 
 # ---------------------------------------------------------------------------------------- rate limits
@@ -213,13 +313,33 @@ class RateLimiter:
         self.clock = clock
         self.buckets: dict[tuple[str, str], TokenBucket | None] = {}
 
+    def _limit(self, key_name: str, kind: str) -> int:
+        key = self.overrides.get(key_name)
+        override = getattr(key, f"{kind}_per_minute", None) if key else None
+        return override if override is not None else self.defaults[kind == "tokens"]
+
     def _bucket(self, key_name: str, kind: str) -> TokenBucket | None:
         if (key_name, kind) not in self.buckets:
-            key = self.overrides.get(key_name)
-            override = getattr(key, f"{kind}_per_minute", None) if key else None
-            limit = override if override is not None else self.defaults[kind == "tokens"]
+            limit = self._limit(key_name, kind)
             self.buckets[key_name, kind] = TokenBucket(limit, self.clock) if limit > 0 else None
         return self.buckets[key_name, kind]
+
+    def update_keys(self, keys: KeyStore) -> None:
+        """Follow a reload of the keys file: a removed key loses its buckets, a key whose limit changed
+        gets new ones (keeping what it had used, so a lowered limit does not hand out a fresh minute)."""
+        new_overrides = {key.name: key for key in keys.keys}
+        names = set(self.overrides) | set(new_overrides)
+        before = {name: (self._limit(name, "requests"), self._limit(name, "tokens")) for name in names}
+        self.overrides = new_overrides
+        for name, limits in before.items():
+            removed = name not in new_overrides
+            for kind, limit in zip(("requests", "tokens"), limits):
+                if not removed and self._limit(name, kind) == limit:
+                    continue
+                old = self.buckets.pop((name, kind), None)
+                if not removed and old is not None and (new := self._bucket(name, kind)) is not None:
+                    old._refill()
+                    new.level = min(new.capacity, old.level)
 
     def take_request(self, key_name: str) -> float:
         bucket = self._bucket(key_name, "requests")
@@ -243,66 +363,23 @@ class RateLimiter:
             bucket.charge(amount)
 
 
-# ----------------------------------------------------------------------------------- body size limit
-
-
-class BodySizeLimitMiddleware:
-    """Answers 413 to bodies over `max_body_bytes`, declared (Content-Length) or streamed (chunked).
-
-    The body is read here, up to the limit, and replayed to the app: a limit hit while FastAPI reads the
-    body would otherwise surface as its generic 400 "error parsing the body".
-    """
-
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await self._too_large(send)
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before sending the whole body
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                await self._too_large(send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # later calls wait for http.disconnect, as streaming responses do
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, send: Callable) -> None:
-        error = ApiError(413, f"request body is larger than the limit of {self.max_body_bytes} bytes")
-        body = json.dumps(error.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
 # ----------------------------------------------------------------------------------------- PII masking
+
+
+# The detector's longest e-mail (llmkernel/pii.py): a local part of up to 64 characters, "@", then up to
+# 8 labels of 63 characters and a dot, and a TLD of up to 24 letters.
+EMAIL_LOCAL_MAX = 64
+EMAIL_DOMAIN_MAX = 8 * 64 + 24
+LONGEST_MATCH = EMAIL_LOCAL_MAX + 1 + EMAIL_DOMAIN_MAX
+# A run of characters that can be in an e-mail, read backwards from the end of the text.
+_EMAIL_RUN_REVERSED = re.compile(r"[A-Za-z0-9\u00c0-\u024f._%+\-@]*")
 
 
 class PiiMasker:
     """The PII detector of `llmk prepare`, applied to logs (always) and to model inputs/outputs (opt-in)."""
 
-    # More than the longest match the detector finds except unusual e-mail addresses (IPv6: 45 chars).
+    # More than the longest match the detector finds except e-mail addresses (IPv6 with a zone: 62 chars,
+    # phone numbers 40, IBANs 42), with the characters around it that decide whether it counts.
     STREAM_HOLD_CHARS = 64
 
     def __init__(self, types: list[str]) -> None:
@@ -315,7 +392,9 @@ class PiiMasker:
         """The first `chars` characters of `text` with PII masked (masked first, then cut)."""
         if chars <= 0:
             return ""
-        masked = self.mask(text[: chars + 4 * self.STREAM_HOLD_CHARS])
+        # Every match that starts in the first `chars` characters ends inside this prefix, with the
+        # characters after it that decide whether it counts.
+        masked = self.mask(text[: chars + LONGEST_MATCH + self.STREAM_HOLD_CHARS])
         return masked[:chars] + ("..." if len(masked) > chars else "")
 
     def stream(self) -> StreamMasker:
@@ -323,38 +402,82 @@ class PiiMasker:
 
 
 class StreamMasker:
-    """Masks text that arrives in pieces: holds back the last `hold` characters, which may be the start of
-    a phone number or an address still being generated, and releases text up to a safe cut."""
+    """Masks text that arrives in pieces, giving the same text as masking it whole.
+
+    It holds back the last `hold` characters, which may be the start of a phone number or an address still
+    being generated, and further back while the end of the text could still be (part of) an e-mail
+    address: from the start of its local part, as long as the domain may still grow (up to the
+    detector's longest e-mail). Text before that is released, with the matches in it masked. The last
+    `CONTEXT` released characters stay as context, so the detector sees what precedes the held text
+    (the 65 characters it reads before an '@', the neighbour that glues "v1.2.3.4").
+    """
+
+    CONTEXT = EMAIL_LOCAL_MAX + 2
 
     def __init__(self, detector: PiiDetector, hold: int) -> None:
         self.detector = detector
         self.hold = hold
-        self.pending = ""
+        self.text = ""  # context already sent, then the held text
+        self.sent = 0  # how many leading characters of `text` are context
+
+    @property
+    def pending(self) -> str:
+        """The text held back so far."""
+        return self.text[self.sent :]
 
     def feed(self, text: str) -> str:
         """Masked text that can be sent now ("" while everything is held back)."""
-        self.pending += text
-        if len(self.pending) <= self.hold:
+        self.text += text
+        held = cut = self._hold_start()
+        if cut <= self.sent:
             return ""
-        cut = len(self.pending) - self.hold
-        space = self.pending.rfind(" ", 0, cut)  # prefer a word boundary, as most PII has no spaces
-        cut = space + 1 if space > 0 else cut
-        spans = self.detector.find(self.pending)
+        spans = self.detector.find(self.text)
+        for span in spans:
+            if span.end > held:
+                # It may still change and uncover a match it overlaps now (one that starts at most `hold`
+                # characters before it), as a long e-mail shadows the phone number in its local part.
+                cut = min(cut, span.start - self.hold)
         for span in spans:
             if span.start < cut < span.end:
                 cut = span.start
-        return self._release(cut, spans)
+        return self._release(cut, spans) if cut > self.sent else ""
 
     def flush(self) -> str:
         """Everything still held back, masked (call once at the end of the stream)."""
-        return self._release(len(self.pending), self.detector.find(self.pending))
+        return self._release(len(self.text), self.detector.find(self.text))
+
+    def _hold_start(self) -> int:
+        """Where the text that may still become (part of) PII starts."""
+        end = len(self.text)
+        start = end - self.hold
+        # The run of e-mail characters at the end: an '@' in it whose domain could still grow (it is
+        # within the longest domain of the end) makes the run from its local part on an e-mail in the making.
+        if "email" in self.detector.types and "@" in self.text[max(self.sent, end - EMAIL_DOMAIN_MAX - 2) :]:
+            email = _email_start(self.text, max(self.sent, end - LONGEST_MATCH - 2), end)
+            start = min(start, email) if email != -1 else start
+        return max(self.sent, start)
 
     def _release(self, cut: int, spans: list) -> str:
-        parts, pos = [], 0
+        parts, pos = [], self.sent
         for span in spans:
-            if span.end <= cut:
-                parts += (self.pending[pos : span.start], PLACEHOLDERS[span.type])
+            if self.sent < span.end <= cut:  # (a span that began in the context: mask the rest of it)
+                parts += (self.text[pos : max(pos, span.start)], PLACEHOLDERS[span.type])
                 pos = span.end
-        parts.append(self.pending[pos:cut])
-        self.pending = self.pending[cut:]
+        parts.append(self.text[pos:cut])
+        keep = cut - self.CONTEXT
+        # An e-mail whose domain runs up to the cut may still reach past it: keep all of it and the
+        # character before it, which decides where its local part starts.
+        if "@" in self.text[max(0, cut - EMAIL_DOMAIN_MAX - 2) : cut]:
+            email = _email_start(self.text, max(0, cut - LONGEST_MATCH - 2), cut)
+            keep = min(keep, email - 2) if email != -1 else keep
+        keep = max(0, keep)
+        self.text, self.sent = self.text[keep:], cut - keep
         return "".join(parts)
+
+
+def _email_start(text: str, start: int, end: int) -> int:
+    """Where an e-mail that `text[:end]` may still be writing starts, or -1: the run of e-mail characters
+    that ends at `end` (looked for back to `start`) holds an '@' whose domain can still grow."""
+    run_start = end - _EMAIL_RUN_REVERSED.match(text[start:end][::-1]).end()
+    at = text.find("@", max(run_start, end - EMAIL_DOMAIN_MAX - 2), end)
+    return -1 if at == -1 else max(run_start, at - EMAIL_LOCAL_MAX)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,22 +20,28 @@ from llmkernel.serve.alerts import (
     histogram_quantile,
     load_rules,
     prometheus_rules,
+    redact_url,
 )
 from llmkernel.serve.metrics import Metrics
 from tests.conftest import REPO
-from tests.serve.conftest import running_client, serve_config
+from tests.serve.conftest import free_port, running_client, serve_config
 
 
 class Receiver:
-    """A webhook receiver on 127.0.0.1 that keeps the JSON bodies POSTed to it."""
+    """A webhook receiver on 127.0.0.1 that keeps the JSON bodies POSTed to it and answers `status`."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
 
     def __enter__(self) -> Receiver:
         received = self.received = []
+        status = self.status
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *args) -> None:
@@ -146,3 +153,41 @@ def test_server_evaluates_rules_and_calls_the_webhook(tmp_path, bert_dir):
             while not receiver.received and time.monotonic() < deadline:
                 time.sleep(0.02)
     assert receiver.received and receiver.received[0]["alerts"][0]["labels"]["alertname"] == "AnyLatency"
+
+
+def test_redact_url_keeps_only_scheme_host_and_port():
+    assert redact_url("https://hooks.slack.com/services/T0/B0/s3cret?token=x#y") == "https://hooks.slack.com"
+    assert redact_url("http://user:pass@127.0.0.1:9093/hook") == "http://127.0.0.1:9093"
+    assert redact_url("http://[::1]:8080/alert?key=k") == "http://[::1]:8080"
+    assert redact_url("not a url") == "<invalid URL>" and redact_url("http://host:99999/x") == "<invalid URL>"
+
+
+SECRET_PATH = "/services/T000/B000/s3cr3t-path"
+SECRET_QUERY = "token=hunter2"
+
+
+def failed_webhook_lines(url: str, caplog) -> list[dict]:
+    """Fire one alert at `url`; the alert_webhook_failed log lines, parsed."""
+    rules = AlertRules(rules=[AlertRule(name="Always", signal="num_requests_waiting", above=-1, for_s=0)])
+    evaluator = AlertEvaluator(rules, Metrics().registry, webhook=url)
+    with caplog.at_level(logging.INFO, logger="llmkernel.serve.alerts"):
+        caplog.clear()
+        assert [event["status"] for event in asyncio.run(evaluator.evaluate())] == ["firing"]
+    messages = [json.loads(r.getMessage()) for r in caplog.records if r.name == "llmkernel.serve.alerts"]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "s3cr3t" not in text and "hunter2" not in text and "/services" not in text
+    return [m for m in messages if m["event"] == "alert_webhook_failed"]
+
+
+def test_a_failing_webhook_is_logged_without_its_path_or_query(caplog):
+    with Receiver(status=500) as receiver:
+        host = receiver.url.removesuffix("/hook")
+        [line] = failed_webhook_lines(f"{host}{SECRET_PATH}?{SECRET_QUERY}", caplog)
+        assert receiver.received  # it was POSTed, and answered 500
+    assert line["webhook"] == host and line["error"] == "HTTP 500 Internal Server Error"
+
+
+def test_an_unreachable_webhook_is_logged_without_its_path_or_query(caplog):
+    url = f"http://127.0.0.1:{free_port()}{SECRET_PATH}?{SECRET_QUERY}"  # nothing listens there
+    [line] = failed_webhook_lines(url, caplog)
+    assert line["webhook"] == url.split("/services")[0] and line["error"].startswith("ConnectError")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import stat
 
 import httpx
@@ -55,6 +56,7 @@ def test_keys_file_errors_are_one_line(tmp_path):
     with pytest.raises(InputError, match="llmk keys create"):
         KeyStore.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text('{"keys": [{"name": "x", "hash": "md5:00", "created": ""}]}')
+    (tmp_path / "bad.json").chmod(0o600)  # under a umask of 002 it would be refused as group-writable
     with pytest.raises(InputError, match="sha256"):
         KeyStore.load(tmp_path / "bad.json")
 
@@ -198,3 +200,81 @@ def test_stream_masker_masks_pii_split_across_pieces():
         sent = "".join(stream.feed(text[i : i + size]) for i in range(0, len(text), size)) + stream.flush()
         assert sent == masker.mask(text), size
         assert "alice@" not in sent and "7946" not in sent
+
+
+SENTENCE = "Reply to jane.doe@example.org or +1 (415) 555-2671 about card 4111 1111 1111 1111."
+# 8 labels are allowed; these 3 of 60 characters make a 200-character domain
+LONG_DOMAIN = ".".join(["email", "x" * 60, "y" * 60, "z" * 60, "example"]) + ".org"
+
+
+def streamed(masker: PiiMasker, text: str, sizes) -> str:
+    stream, sent, pos = masker.stream(), [], 0
+    while pos < len(text):
+        size = next(sizes)
+        sent.append(stream.feed(text[pos : pos + size]))
+        pos += size
+    return "".join(sent) + stream.flush()
+
+
+def chunkings(seed: int = 0):
+    """One character at a time, then random sizes up to 40 (seeded)."""
+    rng = random.Random(seed)
+    yield "1", iter(lambda: 1, None)
+    yield "random", iter(lambda: rng.randint(1, 40), None)
+
+
+def test_stream_masker_holds_an_email_with_a_long_domain():
+    assert len(LONG_DOMAIN) == 200
+    masker = PiiMasker(["email", "phone", "ip", "credit_card"])
+    text = f"Thanks! Write to jane.doe@{LONG_DOMAIN} with the form, or to ops@{LONG_DOMAIN}.\n" * 2
+    assert masker.mask(text).count("<EMAIL>") == 4
+    for name, sizes in chunkings():
+        sent = streamed(masker, text, sizes)
+        assert sent == masker.mask(text), name
+        assert "jane" not in sent and "xxxxx" not in sent
+
+
+def test_stream_masker_masks_email_phone_and_card_of_a_sentence():
+    masker = PiiMasker(["email", "phone", "credit_card"])
+    expected = "Reply to <EMAIL> or <PHONE> about card <CREDIT_CARD>."
+    assert masker.mask(SENTENCE) == expected
+    for name, sizes in chunkings(1):
+        assert streamed(masker, SENTENCE, sizes) == expected, name
+
+
+def test_stream_masker_equals_masking_the_whole_text():
+    masker = PiiMasker(["email", "phone", "ip", "credit_card", "iban", "cn_id"])
+    rng = random.Random(7)
+    pieces = [SENTENCE, " ", "\n", "and ", "v1.2.3.4 ", "192.168.10.1", "2001:db8::1", "11010519491231002X",
+              "GB82 WEST 1234 5698 7654 32", "13800138000", "(415) 555-2671", "...john@x.org", "x" * 70,
+              f"bob@{LONG_DOMAIN}", "+44 20 7946 0958", "1-800-555-0199", "<a@b.co>"]  # fmt: skip
+    for trial in range(25):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 20)))
+        for name, sizes in chunkings(trial):
+            assert streamed(masker, text, sizes) == masker.mask(text), (trial, name, text)
+
+
+def test_stream_masker_releases_prose_promptly_and_bounds_the_hold():
+    masker = PiiMasker(["email", "phone", "ip", "credit_card", "iban", "cn_id"])
+    prose = ("The quick brown fox jumps over the lazy dog while the band plays on. " * 8)[:500]
+    stream, sent = masker.stream(), ""
+    for pos in range(0, len(prose), 3):
+        sent += stream.feed(prose[pos : pos + 3])
+        assert len(stream.pending) <= PiiMasker.STREAM_HOLD_CHARS
+    assert sent + stream.pending == prose
+    # a long run without spaces (an '@' and then domain characters) is held at most as long as an
+    # e-mail can be, and released without a space coming
+    stream, longest = masker.stream(), 0
+    for char in "a@" + "b" * 3000:
+        stream.feed(char)
+        longest = max(longest, len(stream.pending))
+    assert longest <= 64 + 1 + 8 * 64 + 24 + PiiMasker.STREAM_HOLD_CHARS
+
+
+def test_preview_masks_an_email_that_runs_past_the_preview():
+    masker = PiiMasker(["email"])
+    domain = ".".join(["mail", *["q" * 60] * 6, "org"])  # 374 characters: past what an old preview masked
+    text = f"see jane.doe@{domain} now " + "word " * 200
+    preview = masker.preview(text, 12)
+    assert preview == "see <EMAIL> ..." and "jane" not in preview
+    assert masker.preview("short", 12) == "short" and masker.preview(text, 0) == ""
