@@ -76,8 +76,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def llmk_serve(model: Path, *options: str, timeout_s: float = 300) -> Iterator[str]:
-    """Start `llmk serve` on a free loopback port; yield its base URL once /ready says so; stop it."""
+def llmk_serve(model: Path, *options: str, timeout_s: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start `llmk serve` on a free loopback port; yield (base URL, process) once /ready says so; stop it."""
     port = free_port()
     command = [sys.executable, "-m", "llmkernel.cli", "serve", str(model), "--port", str(port)]
     command += ["--served_model_name", SERVED_NAME, *options]
@@ -95,7 +95,7 @@ def llmk_serve(model: Path, *options: str, timeout_s: float = 300) -> Iterator[s
                 if httpx.get(url + "/ready", timeout=2).status_code == 200:
                     break
             time.sleep(0.5)
-        yield url
+        yield url, server
     finally:
         server.terminate()
         try:
@@ -237,7 +237,7 @@ def main() -> None:
     hf = HFBaseline(model, args.max_tokens)
     served, hf_single, hf_sequential = {}, [], []
     log(f"llmk serve --quantize {default} and HF generate, alternating")
-    with llmk_serve(model, "--quantize", default) as url:
+    with llmk_serve(model, "--quantize", default) as (url, _):
         concurrent(url, 2, 8)  # warm the server's paths
         hf_threads = hf.choose_threads()
         singles, rounds = [], []
@@ -252,7 +252,7 @@ def main() -> None:
         served[default] = summarize(rounds, singles)
     for quantize in [q for q in args.compare.split(",") if q and q != default]:
         log(f"llmk serve --quantize {quantize}")
-        with llmk_serve(model, "--quantize", quantize) as url:
+        with llmk_serve(model, "--quantize", quantize) as (url, _):
             concurrent(url, 2, 8)
             singles = [single(url, args.max_tokens) for _ in range(args.repeats)]
             rounds = [concurrent(url, args.clients, args.max_tokens) for _ in range(args.rounds)]

@@ -5,8 +5,8 @@ and injected; nothing is read from module globals, so a process can hold many ap
 model loads in the background once the app starts: /health answers at once, /ready and the /v1 routes
 answer 503 until the model is loaded and has run one warm-up request.
 
-Middleware, outermost first: RequestObserver (request id, drain 503s, metrics, access log), then
-BodySizeLimitMiddleware (413). Routes: /health, /ready, /metrics, /v1/models here; the /v1 model routes
+Middleware, outermost first: RequestObserver (request id, drain 503s, 500s with their id, metrics, access
+log), then the Gate (gate.py: Host, API key, per-key concurrency, body size and deadline). Routes: /health, /ready, /metrics, /v1/models here; the /v1 model routes
 in routes.py.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,18 +33,25 @@ from llmkernel.models.loading import model_kind, resolve_model
 from llmkernel.serve.alerts import AlertEvaluator, load_rules
 from llmkernel.serve.config import ServeConfig
 from llmkernel.serve.encoders import EncoderModel, MicroBatcher
-from llmkernel.serve.metrics import Lifecycle, Metrics, RequestObserver
-from llmkernel.serve.routes import router
-from llmkernel.serve.schemas import AUTH_ERRORS, ApiError, Health, ModelCard, ModelList, Readiness
-from llmkernel.serve.security import (
-    BodySizeLimitMiddleware,
-    KeyStore,
-    PiiMasker,
-    RateLimiter,
+from llmkernel.serve.gate import (
+    CLIENT_GONE,
+    Gate,
     limit_request_rate,
     require_api_key,
     require_metrics_access,
 )
+from llmkernel.serve.metrics import Lifecycle, Metrics, RequestObserver
+from llmkernel.serve.routes import ClientGone, router
+from llmkernel.serve.schemas import (
+    AUTH_ERRORS,
+    SURROGATE_MESSAGE,
+    ApiError,
+    Health,
+    ModelCard,
+    ModelList,
+    Readiness,
+)
+from llmkernel.serve.security import KeyStore, PiiMasker, RateLimiter, reload_keys, watch_keys
 from llmkernel.serve.state import Services
 
 log = logging.getLogger("llmkernel.serve")
@@ -131,6 +139,12 @@ async def shutdown_model(services: Services) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     services: Services = app.state.services
     tasks = [asyncio.create_task(_start_model(services, app.state.engine_factory))]
+    if services.keys is not None:  # revocation without a restart: the file is re-read when it changes
+        tasks.append(asyncio.create_task(watch_keys(services.keys, services.limiter)))
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # main thread only
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, reload_keys, services.keys, services.limiter
+            )
     if services.config.alerts:
         rules = load_rules(services.config.alerts)
         evaluator = AlertEvaluator(rules, services.metrics.registry, webhook=services.config.alert_webhook)
@@ -186,7 +200,7 @@ def create_app(
     )
     app.state.services = services
     app.state.engine_factory = engine_factory
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(Gate, services=services)
     app.add_middleware(
         RequestObserver, metrics=services.metrics, lifecycle=lifecycle, mask=services.masker.mask
     )
@@ -210,22 +224,65 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        return await api_error(request, ApiError(400, message, param=where or None))
+        message, param = validation_message(error.errors())
+        return await api_error(request, ApiError(400, message, param=param))
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return await api_error(request, ApiError(error.status_code, str(error.detail), headers=error.headers))
 
-    async def crashed(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=error)
-        return await api_error(request, ApiError(500, "internal error; the request id is in X-Request-ID"))
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        return Response(status_code=CLIENT_GONE)
 
+    # Other exceptions: RequestObserver (metrics.py) answers 500 with the request id and logs it.
+    app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, crashed)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _field_path(loc: tuple) -> str:
+    """ "messages.0.content" from pydantic's ("body", "messages", 0, "content", "str"): the union branch
+    names ("str", "list[str]", "function-after[...]") are pydantic's, not the request's."""
+    parts = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif part.isidentifier() and part not in _TYPE_NAMES:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(message, param) in OpenAI's style for pydantic's errors: what the first wrong field must be."""
+    # A union's branches each report: the branch whose type matched (a bound or a value failed) is the one
+    # the client meant, and it may sit deeper (messages.0.content.0.text rather than messages.0.content).
+    first = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+    if first["type"] == "json_invalid":
+        where = first["loc"][-1] if isinstance(first["loc"][-1], int) else "?"
+        detail = first.get("ctx", {}).get("error", "decode error")
+        return f"the body is not valid JSON ({detail} at character {where}); send a JSON object", None
+    where = _field_path(first["loc"])
+    if first["type"] == "missing":
+        return f"{where} is required", where
+    if first["type"] == "string_unicode":  # pydantic's own check of bounded strings
+        return f"{where} {SURROGATE_MESSAGE}", where
+    same = [e for e in errors if _field_path(e["loc"]) == where]
+    specific = [e for e in same if not e["type"].endswith("_type")] or same
+    wants = []
+    for e in specific:
+        text = e["msg"].removeprefix("Value error, ").replace(" after validation", "")
+        for prefix, becomes in (("Input should be ", ""), ("List should ", ""), ("String should ", "")):
+            if text.startswith(prefix):
+                text = becomes + text.removeprefix(prefix)
+        if text not in wants:
+            wants.append(text)
+    verb = "must be" if all(e["msg"].startswith("Input should be ") for e in specific) else "must"
+    if first["type"] == "value_error":
+        return f"{where or 'the body'} {wants[0]}", where or None
+    return f"{where or 'the body'} {verb} {' or '.join(wants)}", where or None
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -285,8 +342,15 @@ def _core_routes() -> Any:
     async def ready(request: Request) -> Any:
         """Readiness: the model is loaded and warmed up (503 before, and while draining)."""
         services: Services = request.app.state.services
-        body = Readiness(status=services.lifecycle.status, model=services.model_name)
-        return body if body.status == "ready" else JSONResponse(body.model_dump(), status_code=503)
+        status, reason = services.lifecycle.status, None
+        if status == "failed":
+            reason = services.load_error
+        elif status == "ready" and (reason := services.health()) is not None:
+            status = "unhealthy"  # loaded, but its engine has stopped or keeps failing
+        body = Readiness(status=status, model=services.model_name, reason=reason)
+        if body.status == "ready":
+            return body
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
     @router.get(
         "/metrics",

@@ -8,6 +8,8 @@ from llmkernel.config import check, option
 from llmkernel.pii import PII_TYPES
 
 PII_MASK_MODES = ("none", "inputs", "outputs", "both")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -39,6 +41,27 @@ class ServeConfig:
     max_prompt_tokens: int = option(0, "longest prompt in tokens (0: the model's context length)")
     max_tokens: int = option(512, "largest `max_tokens` a completion request may ask for")
     max_inputs: int = option(256, "most inputs in one embeddings/classify/ner request")
+    allowed_hosts: list[str] | None = option(
+        None,
+        "Host header names accepted (a DNS-rebinding guard); default: localhost, 127.0.0.1 and ::1 when "
+        "bound to a loopback address, any name otherwise; '*' accepts any",
+    )
+    # limits: what one client can hold (each answered 429 with Retry-After, or 408 for a slow client)
+    limit_concurrency: int = option(
+        128, "most open connections; one more is answered 429 and closed (0: no limit)"
+    )
+    max_waiting: int = option(
+        64, "most requests queued for the model (not yet running); more are answered 429 (0: no limit)"
+    )
+    max_concurrent_per_key: int = option(
+        8, "most requests one API key has in flight at once; more are answered 429 (0: no limit)"
+    )
+    header_timeout_s: float = option(
+        10.0, "seconds a client has to send a request's headers; slower ones get 408 and are closed"
+    )
+    body_timeout_s: float = option(
+        30.0, "seconds a client has to send a request's body once its headers are in; slower ones get 408"
+    )
     pii_mask: str = option(
         "none",
         "mask personal data also in what the model sees (inputs), in what it sends back (outputs) or both; "
@@ -77,6 +100,13 @@ class ServeConfig:
         )
         check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
         check(self.max_inputs >= 1, "max_inputs", "must be >= 1")
+        check(self.limit_concurrency >= 0, "limit_concurrency", "must be >= 0 (0: no limit)")
+        check(self.max_waiting >= 0, "max_waiting", "must be >= 0 (0: no limit)")
+        check(self.max_concurrent_per_key >= 0, "max_concurrent_per_key", "must be >= 0 (0: no limit)")
+        check(self.header_timeout_s > 0, "header_timeout_s", "must be > 0")
+        check(self.body_timeout_s > 0, "body_timeout_s", "must be > 0")
+        hosts = self.allowed_hosts or []
+        check(all(h and "/" not in h for h in hosts), "allowed_hosts", "names a host, e.g. llm.example.com")
         modes = ", ".join(PII_MASK_MODES)
         check(self.pii_mask in PII_MASK_MODES, "pii_mask", f"must be one of {modes}, got {self.pii_mask!r}")
         unknown = sorted(set(self.pii_types) - set(PII_TYPES))
@@ -88,6 +118,18 @@ class ServeConfig:
         check(self.max_model_len is None or self.max_model_len >= 16, "max_model_len", "must be >= 16")
         check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
         check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
+
+    @property
+    def loopback(self) -> bool:
+        """Bound to a loopback address: only programs on this machine (and web pages it opens) can connect."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    @property
+    def host_names(self) -> list[str] | None:
+        """The Host header names accepted (lower case, no port), or None for any."""
+        if self.allowed_hosts:
+            return None if "*" in self.allowed_hosts else [h.lower().strip("[]") for h in self.allowed_hosts]
+        return list(LOOPBACK_NAMES) if self.loopback else None
 
     @property
     def masks_inputs(self) -> bool:

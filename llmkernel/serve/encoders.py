@@ -17,6 +17,8 @@ slice of the results. Under load this turns many one-text requests into a few fu
 from __future__ import annotations
 
 import asyncio
+import copy
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from llmkernel.models.loading import load_model, load_tokenizer_for
 
 ENCODER_KINDS = ("encoder", "masked_lm", "classifier", "token_classifier")
 LABELLED_KINDS = ("classifier", "token_classifier")  # kinds whose head has labels (config.id2label)
+UNHEALTHY_AFTER_FAILURES = 3  # consecutive failed passes after which /ready says unhealthy
 
 
 class EncoderModel:
@@ -41,6 +44,10 @@ class EncoderModel:
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.tokenizer = load_tokenizer_for(model_dir)
+        # Counting runs on request threads while a pass tokenizes on the batcher's: HF fast tokenizers
+        # change their padding/truncation state per call, so two threads must not share one.
+        self.counter = copy.deepcopy(self.tokenizer)
+        self.counter_lock = threading.Lock()
         self.model = load_model(model_dir, kind).to(self.device).eval()
         config = self.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if kind in LABELLED_KINDS else []
@@ -49,7 +56,8 @@ class EncoderModel:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text, special tokens included (what the usage and the length limit count)."""
-        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        with self.counter_lock:
+            return [len(ids) for ids in self.counter(texts)["input_ids"]]
 
     def _batches(self, texts: list[str]) -> list[list[int]]:
         """Indices of `texts` in batches of similar length (less padding), longest first."""
@@ -182,6 +190,8 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmk-encoder")
         self.num_running = 0  # texts in the forward pass now
         self.task: asyncio.Task | None = None
+        self.failed_passes = 0  # consecutive forward passes that raised (reset by one that did not)
+        self.last_error = ""
 
     @property
     def num_waiting(self) -> int:
@@ -189,6 +199,15 @@ class MicroBatcher:
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    def health(self) -> str | None:
+        """None while batches run; else why not: the batching task ended, or its last passes all failed."""
+        if self.task is not None and self.task.done() and not self.task.cancelled():
+            error = self.task.exception()
+            return f"the encoder's batching task has stopped: {type(error).__name__}: {error}"
+        if self.failed_passes >= UNHEALTHY_AFTER_FAILURES:
+            return f"the last {self.failed_passes} encoder passes failed: {self.last_error}"
+        return None
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -232,12 +251,15 @@ class MicroBatcher:
                 self.executor, self.run_batch, batch[0].kind, texts
             )
         except Exception as error:  # a failed pass fails its requests, not the server
+            self.failed_passes += 1
+            self.last_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
         finally:
             self.num_running = 0
+        self.failed_passes = 0
         start = 0
         for pending in batch:
             if not pending.future.done():

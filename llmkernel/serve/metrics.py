@@ -23,12 +23,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from llmkernel.serve.schemas import ApiError
 
 ACCESS_LOGGER = "llmkernel.serve.access"
+log = logging.getLogger("llmkernel.serve")
 
 # Seconds; fine at the low end, where CPU encoders and first tokens land, up to the 10-minute timeout.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40)
 # Routes that stay open while draining: probes and scrapes must see the server go down.
 ALWAYS_OPEN = ("/health", "/ready", "/metrics")
+# Answers that are not request errors: a probe saying "not ready" is its job, and 499 (the client left
+# before the answer) is the client's doing; neither may feed the error-rate alert.
+PROBES = ("/health", "/ready")
+CLIENT_GONE = 499
 
 
 class Metrics:
@@ -62,6 +67,12 @@ class Metrics:
             "llmk:request_errors", "answers with status >= 400", ["code"], registry=r
         )
         self.rate_limited = Counter("llmk:rate_limited", "requests refused with 429", registry=r)
+        self.connections_refused = Counter(
+            "llmk:connections_refused",
+            "connections closed before a request: over --limit_concurrency (429) or headers too slow (408)",
+            ["code"],
+            registry=r,
+        )
 
     def track_load(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the running/waiting gauges from the model at scrape time."""
@@ -79,13 +90,6 @@ class Lifecycle:
     @property
     def draining(self) -> bool:
         return self.status == "draining"
-
-
-def _json_error(status: int, message: str, headers: dict[str, str]) -> tuple[dict, bytes]:
-    body = json.dumps(ApiError(status, message).body()).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    return {"type": "http.response.start", "status": status, "headers": raw_headers}, body
 
 
 class RequestObserver:
@@ -114,7 +118,7 @@ class RequestObserver:
         request_id = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        status = 500
+        status: int | None = None
         header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: dict) -> None:
@@ -125,26 +129,41 @@ class RequestObserver:
             await send(message)
 
         if self.lifecycle.draining and scope["path"] not in ALWAYS_OPEN:
-            start, body = _json_error(
-                503, "the server is shutting down; retry on another replica", {"Retry-After": "1"}
+            error = ApiError(
+                503, "the server is shutting down; retry on another replica", headers={"Retry-After": "1"}
             )
-            await send_with_id(start)
-            await send_with_id({"type": "http.response.body", "body": body})
-            self._record(scope, state, 503, started)
+            for message in error.asgi_messages():
+                await send_with_id(message)
+            self._record(scope, state, 503, started, refused=True)
             return
         self.lifecycle.in_flight += 1
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as error:  # every 5xx carries its request id, in the answer and in the log line
+            log.error(
+                f"unhandled error in request {request_id}: {type(error).__name__}: {error}",
+                exc_info=error,
+                extra={"request_id": request_id},
+            )
+            if status is None:
+                failure = ApiError(
+                    500, f"internal error; the request id is {request_id} (also in X-Request-ID)"
+                )
+                for message in failure.asgi_messages():
+                    await send_with_id(message)
+            status = status or 500
         finally:
             self.lifecycle.in_flight -= 1
+            if status is None:  # no answer: the client left before it (the gate saw it go), or a bug
+                status = CLIENT_GONE if state.get("client_gone") else 500
             self._record(scope, state, status, started)
 
-    def _record(self, scope: dict, state: dict, status: int, started: float) -> None:
+    def _record(self, scope: dict, state: dict, status: int, started: float, refused: bool = False) -> None:
         latency = self.clock() - started
         route = getattr(scope.get("route"), "path", None)
         label = route or "unmatched"  # raw paths would make one time series per typo, and may hold PII
         self.metrics.requests.labels(label, str(status)).inc()
-        if status >= 400:
+        if status >= 400 and not (refused or status == CLIENT_GONE or scope["path"] in PROBES):
             self.metrics.request_errors.labels(str(status)).inc()
         elif label.startswith("/v1/") and scope["method"] == "POST":
             self.metrics.e2e_request_latency.observe(latency)

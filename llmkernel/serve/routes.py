@@ -13,13 +13,14 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from llmkernel.serve.gate import limit_request_rate, rate_limited
 from llmkernel.serve.schemas import (
     MODEL_ERRORS,
     ApiError,
@@ -44,7 +45,6 @@ from llmkernel.serve.schemas import (
     NerResult,
     Usage,
 )
-from llmkernel.serve.security import limit_request_rate, rate_limited
 from llmkernel.serve.state import Services
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -64,6 +64,9 @@ SSE = {
     }
 }
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+LARGE_INPUT_CHARS = 16_384  # inputs longer than this are tokenized and masked on a worker thread
+DEADLINE_MARGIN_S = 5.0  # the HTTP deadline: the engine's own --request_timeout_s, plus this
+T = TypeVar("T")
 
 
 def _services(request: Request) -> Services:
@@ -77,13 +80,17 @@ def _services(request: Request) -> Services:
 async def completions(body: CompletionRequest, request: Request, key_name: KeyName) -> Any:
     """Text completion of one prompt or a list of prompts (one choice each)."""
     services = _services(request)
-    services.require("/v1/completions", body.model)
+    _check_request(services, "/v1/completions", body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     _check_inputs(services, prompts)
     if body.stream and len(prompts) > 1:
         raise ApiError(400, "stream: true takes one prompt; send a string, not a list", param="prompt")
-    texts = [_masked_input(services, prompt) for prompt in prompts]
-    prompt_ids = [services.tokenizer(text)["input_ids"] for text in texts]
+
+    def tokenize() -> tuple[list[str], list[list[int]]]:
+        texts = [_masked_input(services, prompt) for prompt in prompts]
+        return texts, [services.tokenizer(text)["input_ids"] for text in texts]
+
+    texts, prompt_ids = await _off_loop(sum(map(len, prompts)), tokenize)
     return await _generate(request, services, key_name, body, prompt_ids, texts[0], chat=False)
 
 
@@ -91,23 +98,99 @@ async def completions(body: CompletionRequest, request: Request, key_name: KeyNa
 async def chat_completions(body: ChatCompletionRequest, request: Request, key_name: KeyName) -> Any:
     """Chat completion with the model's chat template."""
     services = _services(request)
-    services.require("/v1/chat/completions", body.model)
+    _check_request(services, "/v1/chat/completions", body)
     tokenizer = services.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, f"'{services.model_name}' has no chat template; use /v1/completions")
-    messages = [{"role": m.role, "content": _masked_input(services, m.text())} for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as error:  # a template may reject a role order, e.g. two user turns
-        raise ApiError(400, f"the chat template rejected these messages: {error}", param="messages") from None
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def tokenize() -> tuple[list[dict[str, str]], list[int]]:
+        messages = [{"role": m.role, "content": _masked_input(services, m.text())} for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as error:  # a template may reject a role order, e.g. two user turns
+            raise ApiError(
+                400, f"the chat template rejected these messages: {error}", param="messages"
+            ) from None
+        return messages, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    messages, prompt_ids = await _off_loop(sum(len(m.text()) for m in body.messages), tokenize)
     return await _generate(
         request, services, key_name, body, [prompt_ids], messages[-1]["content"], chat=True
     )
 
 
+def _check_request(services: Services, route: str, body: Any) -> None:
+    """ApiError unless this server serves `route` now for the model named and every field sent."""
+    services.require(route, body.model)
+    if (unsupported := body.unsupported_field()) is not None:
+        raise ApiError(400, unsupported[1], param=unsupported[0])
+
+
 def _masked_input(services: Services, text: str) -> str:
     return services.masker.mask(text) if services.config.masks_inputs else text
+
+
+async def _off_loop(size: int, work: Callable[[], T]) -> T:
+    """Run `work` (tokenizing, masking) on a worker thread when the input is large, so that a 1 MiB body
+    does not hold up every other request on the event loop (on 2 cores: ~0.3 s per MiB to tokenize)."""
+    return await asyncio.to_thread(work) if size > LARGE_INPUT_CHARS else work()
+
+
+def _check_queue(services: Services, count: int) -> None:
+    """ApiError(429) when `count` more requests would queue past --max_waiting."""
+    limit, waiting = services.config.max_waiting, services.num_waiting
+    if limit and waiting + count > limit:
+        services.metrics.rate_limited.inc()
+        raise ApiError(
+            429,
+            f"{waiting} requests are waiting for the model, the most this server queues (--max_waiting); "
+            "retry shortly",
+            type="rate_limit_error",
+            headers={"Retry-After": "1"},
+        )
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready (app.py answers it with a 499 that
+    nobody reads, for the access log)."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _watched(request: Request, services: Services, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client leaves first (ClientGone) or the HTTP deadline passes (504);
+    either way `work` is cancelled, which frees what it holds (as vLLM's `with_cancellation`)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    timeout = _http_deadline(services)
+    try:
+        done, _ = await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+    if task in done:
+        return task.result()
+    await asyncio.gather(task, return_exceptions=True)  # let the work's own clean-up run
+    if watcher in done:
+        raise ClientGone
+    raise _deadline_passed(timeout)
+
+
+def _http_deadline(services: Services) -> float:
+    """The engine ends requests at --request_timeout_s; this deadline holds if the engine cannot."""
+    timeout = services.config.request_timeout_s
+    return timeout + min(DEADLINE_MARGIN_S, timeout)
+
+
+def _deadline_passed(timeout: float) -> ApiError:
+    return ApiError(
+        504,
+        f"no answer within {timeout:g} s (--request_timeout_s plus a margin); the model may be overloaded "
+        "or stuck, see /ready",
+    )
 
 
 def _max_tokens(services: Services, body: Any, prompt_ids: list[list[int]], chat: bool) -> int:
@@ -158,6 +241,7 @@ async def _generate(
 
     max_tokens = _max_tokens(services, body, prompt_ids, chat)
     stop = [text for text in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if text]
+    _check_queue(services, len(prompt_ids))
     reserved = sum(len(ids) + max_tokens for ids in prompt_ids)
     _reserve_tokens(services, key_name, reserved)
     request.state.prompt_tokens = sum(len(ids) for ids in prompt_ids)
@@ -188,7 +272,8 @@ async def _generate(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     try:
-        results = await asyncio.gather(*(_collect(services, handle) for handle in handles))
+        work = asyncio.gather(*(_collect(services, handle) for handle in handles))
+        results = await _watched(request, services, work)
     finally:
         for handle in handles:
             handle.cancel()  # no-op for finished requests; frees the slot if the client went away
@@ -276,15 +361,26 @@ async def _stream(
         return _sse({**meta, "object": kind, "choices": [choice]})
 
     reason = None
+    loop = asyncio.get_running_loop()
+    timeout = _http_deadline(services)
+    deadline = loop.time() + timeout
+    events = aiter(handle)
     try:
         if chat:
             yield chunk(None, role=True)
-        async for event in handle:
+        while reason is None:
+            try:
+                event = await asyncio.wait_for(anext(events), max(0.0, deadline - loop.time()))
+            except TimeoutError:  # the engine did not end it in time (stuck or stopped): say so, end
+                reason = "deadline"
+                break
             text = masker.feed(event.text) if masker else event.text
-            reason = event.finish_reason or reason
+            reason = event.finish_reason
             if text:
                 yield chunk(text)
-        if reason == "error":
+        if reason == "deadline":
+            yield _sse(_deadline_passed(timeout).body())
+        elif reason == "error":
             yield _sse(ApiError(500, "generation failed on this request").body())
         else:
             yield chunk(masker.flush() if masker else "", reason)
@@ -316,8 +412,12 @@ async def _encode(
     """Run `kind` (embed, classify, ner) on the inputs through the micro-batcher; (results, token count)."""
     texts = [inputs] if isinstance(inputs, str) else inputs
     _check_inputs(services, texts)
-    texts = [_masked_input(services, text) for text in texts]
-    counts = services.encoder.count_tokens(texts)
+
+    def tokenize() -> tuple[list[str], list[int]]:
+        masked = [_masked_input(services, text) for text in texts]
+        return masked, services.encoder.count_tokens(masked)
+
+    texts, counts = await _off_loop(sum(map(len, texts)), tokenize)
     if max(counts) > services.max_prompt_tokens:
         raise ApiError(
             400,
@@ -326,18 +426,19 @@ async def _encode(
             param="input",
         )
     tokens = sum(counts)
+    _check_queue(services, 1)
+    _reserve_tokens(services, key_name, tokens)  # the exact count: nothing to refund afterwards
     request.state.prompt_tokens = tokens
     request.state.prompt_preview = services.masker.preview(texts[0], services.config.log_prompt_chars)
-    services.limiter.charge_tokens(key_name, tokens)
     services.metrics.prompt_tokens.inc(tokens)
-    return await services.batcher.submit(kind, texts), tokens
+    return await _watched(request, services, services.batcher.submit(kind, texts)), tokens
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=MODEL_ERRORS)
 async def embeddings(body: EmbeddingRequest, request: Request, key_name: KeyName) -> EmbeddingResponse:
     """Sentence embeddings: mean-pooled, L2-normalised last hidden states (float or base64 float32)."""
     services = _services(request)
-    services.require("/v1/embeddings", body.model)
+    _check_request(services, "/v1/embeddings", body)
     hidden_size = services.encoder.model.config.hidden_size
     if body.dimensions is not None and body.dimensions != hidden_size:
         raise ApiError(
@@ -359,7 +460,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, key_name: KeyName
 async def classify(body: ClassifyRequest, request: Request, key_name: KeyName) -> ClassifyResponse:
     """Labels with probabilities for each input, best first."""
     services = _services(request)
-    services.require("/v1/classify", body.model)
+    _check_request(services, "/v1/classify", body)
     results, tokens = await _encode(request, services, key_name, "classify", body.input)
     data = []
     for i, pairs in enumerate(results):
@@ -373,7 +474,7 @@ async def classify(body: ClassifyRequest, request: Request, key_name: KeyName) -
 async def ner(body: NerRequest, request: Request, key_name: KeyName) -> NerResponse:
     """Named entities with types and character offsets (BIO tags merged into spans)."""
     services = _services(request)
-    services.require("/v1/ner", body.model)
+    _check_request(services, "/v1/ner", body)
     results, tokens = await _encode(request, services, key_name, "ner", body.input)
     data = [
         NerResult(index=i, entities=[Entity(**e) for e in entities]) for i, entities in enumerate(results)

@@ -6,9 +6,12 @@ every answer against it, so a field added to a response goes here first.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmkernel.serve.text import MAX_STOP_CHARS, MAX_STOPS
 
 # ---------------------------------------------------------------------------------------------- errors
 
@@ -46,8 +49,22 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=str(self.status))
+        # A message may quote the request: lone surrogates ("\ud800") could not be encoded as UTF-8.
+        message, param = (_encodable(text) for text in (self.message, self.param))
+        detail = ErrorDetail(message=message, type=self.type, param=param, code=str(self.status))
         return ErrorResponse(error=detail).model_dump()
+
+    def asgi_messages(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This answer as the two ASGI messages (for middleware, which runs outside FastAPI's handlers)."""
+        body = json.dumps(self.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in self.headers.items()]
+        start = {"type": "http.response.start", "status": self.status, "headers": headers}
+        return start, {"type": "http.response.body", "body": body}
+
+
+def _encodable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -60,24 +77,88 @@ def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str,
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: _error("missing or invalid API key", {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    403: _error("a Host header this server does not answer (see --allowed_hosts)"),
+    408: _error("the request body did not arrive within --body_timeout_s"),
     413: _error("request body over the size limit"),
-    429: _error("rate limit exceeded", _RETRY_AFTER),
-    503: _error("the server is loading the model or shutting down", _RETRY_AFTER),
+    429: _error("rate limit, per-key concurrency or the waiting queue exceeded", _RETRY_AFTER),
+    503: _error("the server is loading the model, unhealthy or shutting down", _RETRY_AFTER),
 }
 MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("invalid request, a limit exceeded, or a route the loaded model does not serve"),
     404: _error("the requested model is not the one this server serves"),
     **AUTH_ERRORS,
     500: _error("the model failed on this request"),
+    504: _error("no answer within the request deadline (--request_timeout_s plus a margin)"),
 }
 
 # ------------------------------------------------------------------------------------------ generation
 
-# Unknown OpenAI fields are ignored; types are strict ("5" is not an integer, false is not a seed), as
-# the spec says, so what the fuzz test calls invalid is refused.
+# Unknown fields are ignored, and OpenAI fields this server does not implement are refused by name
+# (`unsupported_field`); types are strict ("5" is not an integer, false is not a seed), as the spec says, so
+# what the fuzz test calls invalid is refused.
 _Request = ConfigDict(extra="allow", strict=True)
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
-_STOP = Field(None, description="up to 4 strings that end generation; not included in the output")
+# Stop strings are matched on every generated token in the engine thread: bounded (text.py), so one
+# request cannot slow the others.
+_StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = _StopString | Annotated[list[_StopString], Field(max_length=MAX_STOPS)] | None
+_STOP = Field(
+    None,
+    description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_CHARS} characters that end generation; "
+    "not included in the output",
+)
+# OpenAI fields that are not implemented, the values that mean "not used" and why a request must drop them.
+UNSUPPORTED = {
+    "best_of": ((None, 1), "one sequence is generated per choice"),
+    "echo": ((None, False), "the prompt is not echoed"),
+    "logprobs": ((None, False, 0), "log probabilities are not returned"),
+    "top_logprobs": ((None, 0), "log probabilities are not returned"),
+    "suffix": ((None, ""), "insertion is not supported"),
+    "logit_bias": ((None, {}), "logit biases are not supported"),
+    "presence_penalty": ((None, 0), "repetition penalties are not supported"),
+    "frequency_penalty": ((None, 0), "repetition penalties are not supported"),
+    "tools": ((None, []), "tool calls are not supported"),
+    "tool_choice": ((None, "none"), "tool calls are not supported"),
+    "functions": ((None, []), "function calls are not supported"),
+    "function_call": ((None, "none"), "function calls are not supported"),
+    "response_format": ((None, {"type": "text"}), 'only {"type": "text"} is supported'),
+}
+
+
+SURROGATE_MESSAGE = "holds an unpaired UTF-16 surrogate (such as \\ud800), which is not valid Unicode text"
+
+
+def _check_unicode(value: Any) -> Any:
+    """Refuse lone UTF-16 surrogates ("\ud800" is valid JSON but not Unicode text: the tokenizer, the
+    PII detector and the log cannot encode it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(SURROGATE_MESSAGE) from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+    return value
+
+
+class RequestModel(BaseModel):
+    """A request body: strict types, unknown fields allowed, text checked to be valid Unicode."""
+
+    model_config = _Request
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        return _check_unicode(value)
+
+    def unsupported_field(self) -> tuple[str, str] | None:
+        """(field, message) for the first OpenAI field sent with a value this server does not implement."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name][0]:
+                return name, f"{name} is not supported by this server ({UNSUPPORTED[name][1]}); remove it"
+        return None
+
+
 _MAX_TOKENS = Field(
     None, ge=1, description="tokens to generate at most (bounded by the server's --max_tokens)"
 )
@@ -86,8 +167,7 @@ _TOP_P = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sa
 _SEED = Field(None, ge=-(2**63), lt=2**64, description="seed for reproducible sampling")
 
 
-class StreamOptions(BaseModel):
-    model_config = _Request
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
@@ -97,8 +177,7 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionRequest(BaseModel):
-    model_config = _Request
+class CompletionRequest(RequestModel):
     model: str | None = Field(None, description="the served model's id (see /v1/models); optional")
     prompt: str | Annotated[list[str], Field(min_length=1)] = Field(
         description="a prompt, or a list of prompts (one choice each, up to the server's --max_inputs)"
@@ -129,14 +208,12 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class TextPart(BaseModel):
-    model_config = _Request
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = _Request
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -147,8 +224,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = _Request
+class ChatCompletionRequest(RequestModel):
     model: str | None = Field(None, description="the served model's id (see /v1/models); optional")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = _MAX_TOKENS
@@ -189,8 +265,7 @@ Inputs = str | Annotated[list[str], Field(min_length=1)]
 _INPUT = Field(description="a text or a list of texts (up to the server's --max_inputs)")
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = _Request
+class EmbeddingRequest(RequestModel):
     model: str | None = None
     input: Inputs = _INPUT
     encoding_format: Literal["float", "base64"] = Field(
@@ -217,8 +292,7 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
-class ClassifyRequest(BaseModel):
-    model_config = _Request
+class ClassifyRequest(RequestModel):
     model: str | None = None
     input: Inputs = _INPUT
     top_k: int | None = Field(None, ge=1, description="labels per input, best first; default: all")
@@ -243,8 +317,7 @@ class ClassifyResponse(BaseModel):
     usage: EmbeddingUsage
 
 
-class NerRequest(BaseModel):
-    model_config = _Request
+class NerRequest(RequestModel):
     model: str | None = None
     input: Inputs = _INPUT
 
@@ -292,5 +365,6 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "loading", "draining", "failed"]
+    status: Literal["ready", "loading", "draining", "failed", "unhealthy"]
     model: str
+    reason: str | None = Field(None, description="why the server is not ready (failed or unhealthy)")

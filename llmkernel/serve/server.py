@@ -8,18 +8,23 @@ A second Ctrl-C exits at once.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from types import FrameType
 
 import uvicorn
+import uvicorn.config
+from uvicorn.importer import import_from_string
 
 from llmkernel.errors import InputError
 from llmkernel.serve.app import create_app
 from llmkernel.serve.config import ServeConfig
+from llmkernel.serve.gate import connection_protocol
 from llmkernel.serve.metrics import Lifecycle
 from llmkernel.serve.security import PiiMasker
 from llmkernel.serve.state import Services
@@ -33,6 +38,8 @@ class JsonLines(logging.Formatter):
         if message.startswith("{"):
             return message
         line = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": message}
+        if getattr(record, "request_id", None):
+            line["request_id"] = record.request_id
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -43,14 +50,16 @@ class JsonLines(logging.Formatter):
 class MaskPii(logging.Filter):
     """Masks PII in warnings and errors and their tracebacks, which might quote a request (an error message
     with a piece of the prompt); the access log masks its prompt preview itself, and info lines are the
-    server's own ("Uvicorn running on http://127.0.0.1:8000" keeps its address)."""
+    server's own ("Uvicorn running on http://127.0.0.1:8000" keeps its address), as are records logged with
+    `extra={"own": True}` (the bind-address warning). A filter on the handler, not on loggers, so that
+    records of every logger that reaches it are masked (a logger's filters do not see its children's)."""
 
     def __init__(self, masker: PiiMasker) -> None:
         super().__init__()
         self.masker = masker
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or getattr(record, "own", False):
             return True
         record.msg, record.args = self.masker.mask(record.getMessage()), ()
         if record.exc_info:
@@ -59,17 +68,44 @@ class MaskPii(logging.Filter):
         return True
 
 
-def setup_logging(pii_types: list[str]) -> None:
-    """JSON lines on stderr for the server's own loggers; PII masked in those and in uvicorn's errors."""
+def setup_logging(pii_types: list[str]) -> logging.Handler:
+    """JSON lines on stderr, PII masked, for the server's loggers and uvicorn's (one handler for all)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
-    logger = logging.getLogger("llmkernel.serve")
-    logger.handlers = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    mask = MaskPii(PiiMasker(pii_types))
+    handler.addFilter(MaskPii(PiiMasker(pii_types)))
     for name in ("llmkernel.serve", "uvicorn.error"):
-        logging.getLogger(name).addFilter(mask)
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return handler
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one); InputError naming the port when it is taken.
+
+    Bound here, before the server says where it serves, so that the message is true and a port in use is
+    one line (uvicorn would log its address, then a multi-line error, and exit 3)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise InputError(f"--host {host}: not an address of this machine ({error.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop (TIME_WAIT)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise InputError(
+                f"port {port} on {host} is in use by another program; choose another --port (0 picks a free one)"
+            ) from None
+        raise InputError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 class DrainingServer(uvicorn.Server):
@@ -102,27 +138,43 @@ class DrainingServer(uvicorn.Server):
 def serve(config: ServeConfig) -> None:
     """Serve `config.model` until SIGTERM; raises a UserError (exit code 2) if the model cannot load."""
     setup_logging(config.pii_types)
+    log = logging.getLogger("llmkernel.serve")
     app = create_app(config)
     services: Services = app.state.services
+    sock = bind(config.host, config.port)
+    port = sock.getsockname()[1]
+    refused = services.metrics.connections_refused
     uvicorn_config = uvicorn.Config(
         app,
-        host=config.host,
-        port=config.port,
+        http=connection_protocol(
+            import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"]),
+            limit_concurrency=config.limit_concurrency,
+            header_timeout_s=config.header_timeout_s,
+            on_refused=lambda code: refused.labels(str(code)).inc(),
+        ),
         access_log=False,  # the app writes its own access log, with PII masked
+        log_config=None,  # uvicorn's loggers go to our JSON handler (setup_logging)
         timeout_graceful_shutdown=2,  # the drain above has waited already
         lifespan="on",
     )
     server = DrainingServer(uvicorn_config, services.lifecycle, config.drain_timeout_s)
     services.on_fatal = lambda: setattr(server, "should_exit", True)
-    auth = (
-        f"API keys from {config.api_keys}"
-        if config.api_keys
-        else "no API keys (open to anyone who can connect)"
-    )
-    logging.getLogger("llmkernel.serve").info(
+    if config.api_keys:
+        auth = f"API keys from {config.api_keys}"
+    else:
+        auth = "no API keys (open to anyone who can connect)"
+        if not config.loopback:
+            log.warning(
+                f"serving WITHOUT API keys on {config.host}, an address other machines can reach: anyone "
+                "on the network can use this model; create keys with `llmk keys create --keys-file "
+                "keys.json` and pass --api_keys keys.json",
+                extra={"own": True},
+            )
+    shown = f"[{config.host}]" if ":" in config.host else config.host
+    log.info(
         f"serving {services.model_dir} as '{services.model_name}' ({services.task}) on "
-        f"http://{config.host}:{config.port} with {auth}"
+        f"http://{shown}:{port} with {auth}"
     )
-    server.run()
+    server.run(sockets=[sock])
     if services.lifecycle.status == "failed":
         raise InputError(services.load_error or "the model failed to load")

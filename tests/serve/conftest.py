@@ -42,8 +42,13 @@ def ner_dir(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-ner"), "ner")
 
 
+# TestClient sends `Host: testserver`; the loopback default accepts localhost names only.
+TEST_HOSTS = ["testserver", "localhost", "127.0.0.1", "::1"]
+
+
 def serve_config(model_dir: Path, **overrides: Any) -> ServeConfig:
-    return ServeConfig(model=str(model_dir), **{"batch_window_ms": 2.0, "max_tokens": 32, **overrides})
+    defaults = {"batch_window_ms": 2.0, "max_tokens": 32, "allowed_hosts": TEST_HOSTS}
+    return ServeConfig(model=str(model_dir), **{**defaults, **overrides})
 
 
 def wait_ready(client: TestClient, headers: dict[str, str] | None = None, timeout: float = 60.0) -> None:

@@ -96,7 +96,7 @@ def test_streamed_completion(llama_client):
     [
         ({"prompt": "hi", "max_tokens": 25}, "--max_tokens"),
         ({"prompt": "hello world " * 40}, "--max_prompt_tokens"),
-        ({"prompt": "hi", "n": 2}, "n: Input should be less than or equal to 1"),
+        ({"prompt": "hi", "n": 2}, "n must be less than or equal to 1"),
         ({"prompt": ["a", "b"], "stream": True}, "one prompt"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"prompt": ""}, "prompt is empty"),
@@ -203,6 +203,9 @@ class ScriptedEngine:
 
     def start(self) -> None:
         pass
+
+    def health(self) -> str | None:
+        return None
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         pass

@@ -122,3 +122,41 @@ def test_error_logs_are_masked_but_info_lines_keep_addresses():
     lines = [formatter.format(record) for record in (failed, started) if mask.filter(record)]
     assert "bob@example.org" not in lines[0] and "<EMAIL>" in json.loads(lines[0])["error"]
     assert "127.0.0.1:8000" in lines[1]
+
+
+def test_every_logger_under_the_handler_is_masked(capsys):
+    import logging
+
+    from llmkernel.serve.server import setup_logging
+
+    setup_logging(["email"])
+    logging.getLogger("llmkernel.serve.routes").error("a request from bob@example.org failed")
+    logging.getLogger("uvicorn.error").warning("client carol@example.org sent garbage")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("example.org" not in line and "<EMAIL>" in line for line in lines)
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(bert_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        process = start_llmk_serve(str(bert_dir), "--port", str(port))
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr[-2000:]
+    assert f"port {port} on 127.0.0.1 is in use" in stderr and "<IP_ADDRESS>" not in stderr
+    assert "serving" not in stderr and "Traceback" not in stderr
+
+
+def test_serving_without_keys_off_loopback_warns_loudly(bert_dir):
+    port = free_port()
+    process = start_llmk_serve(str(bert_dir), "--host", "0.0.0.0", "--port", str(port))
+    try:
+        wait_until_ready(process, f"http://127.0.0.1:{port}")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    warning = next(json.loads(line) for line in stderr.splitlines() if "WITHOUT API keys" in line)
+    assert warning["level"] == "warning" and "0.0.0.0" in warning["message"]
