@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,13 +83,17 @@ def llmk_serve(model: Path, *options: str, timeout_s: float = 300) -> Iterator[t
     command = [sys.executable, "-m", "llmkernel.cli", "serve", str(model), "--port", str(port)]
     command += ["--served_model_name", SERVED_NAME, *options]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file: a pipe nobody reads fills up (64 KiB of request lines) and then
+    # blocks the server's event loop on its next log line.
+    log_file = tempfile.TemporaryFile()
+    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"llmk serve exited: {server.stderr.read().decode()[-2000:]}")
+                log_file.seek(0)
+                raise RuntimeError(f"llmk serve exited: {log_file.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"llmk serve was not ready after {timeout_s} s")
             with contextlib.suppress(httpx.HTTPError):
@@ -102,6 +107,7 @@ def llmk_serve(model: Path, *options: str, timeout_s: float = 300) -> Iterator[t
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+        log_file.close()
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, topic: str, max_tokens: int) -> dict:

@@ -111,7 +111,7 @@ async def soak(url: str, args: argparse.Namespace) -> list[dict]:
 
 
 def server_counts(url: str) -> dict:
-    metrics = httpx.get(url + "/metrics", timeout=10).text
+    metrics = httpx.get(url + "/metrics", timeout=60).text
 
     def value(pattern: str) -> float:
         return sum(float(v) for v in re.findall(rf"^{pattern} (\S+)$", metrics, re.M))

@@ -25,7 +25,7 @@ from llmkernel.errors import InputError
 from llmkernel.serve.app import create_app
 from llmkernel.serve.config import ServeConfig
 from llmkernel.serve.gate import connection_protocol
-from llmkernel.serve.metrics import Lifecycle
+from llmkernel.serve.metrics import Lifecycle, Metrics
 from llmkernel.serve.security import PiiMasker
 from llmkernel.serve.state import Services
 
@@ -135,6 +135,16 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def http_protocol(config: ServeConfig, metrics: Metrics) -> type:
+    """uvicorn's HTTP protocol with --limit_concurrency and --header_timeout_s (gate.py), refusals counted."""
+    return connection_protocol(
+        import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"]),
+        limit_concurrency=config.limit_concurrency,
+        header_timeout_s=config.header_timeout_s,
+        on_refused=lambda code: metrics.connections_refused.labels(str(code)).inc(),
+    )
+
+
 def serve(config: ServeConfig) -> None:
     """Serve `config.model` until SIGTERM; raises a UserError (exit code 2) if the model cannot load."""
     setup_logging(config.pii_types)
@@ -143,15 +153,9 @@ def serve(config: ServeConfig) -> None:
     services: Services = app.state.services
     sock = bind(config.host, config.port)
     port = sock.getsockname()[1]
-    refused = services.metrics.connections_refused
     uvicorn_config = uvicorn.Config(
         app,
-        http=connection_protocol(
-            import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"]),
-            limit_concurrency=config.limit_concurrency,
-            header_timeout_s=config.header_timeout_s,
-            on_refused=lambda code: refused.labels(str(code)).inc(),
-        ),
+        http=http_protocol(config, services.metrics),
         access_log=False,  # the app writes its own access log, with PII masked
         log_config=None,  # uvicorn's loggers go to our JSON handler (setup_logging)
         timeout_graceful_shutdown=2,  # the drain above has waited already

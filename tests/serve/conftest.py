@@ -81,9 +81,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Run `app` under a real uvicorn on a free loopback port in a thread; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+def live_server(app: Any, http: Any = "auto") -> Iterator[str]:
+    """Run `app` under a real uvicorn on a free loopback port in a thread; yields the base URL. `http`:
+    uvicorn's protocol class (`llmkernel.serve.server.http_protocol` for the connection limits)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), http=http, log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

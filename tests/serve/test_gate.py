@@ -16,15 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-import uvicorn.config
 from fastapi.testclient import TestClient
-from uvicorn.importer import import_from_string
 
 from llmkernel.serve.app import create_app
-from llmkernel.serve.gate import connection_protocol
 from llmkernel.serve.security import KeyStore, create_key
-from tests.serve.conftest import free_port, running_client, serve_config, wait_ready
+from llmkernel.serve.server import http_protocol
+from tests.serve.conftest import live_server, running_client, serve_config, wait_ready
 
 COMPLETION = {"prompt": "Hello world", "max_tokens": 4, "temperature": 0}
 
@@ -41,35 +38,15 @@ def slow_forward(engine: Any, seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def live_app(app: Any, **limits: Any) -> Iterator[str]:
-    """`app` under uvicorn on loopback with the connection limits of `llmk serve` (gate.connection_protocol)."""
-    config = app.state.services.config
-    protocol = connection_protocol(
-        import_from_string(uvicorn.config.HTTP_PROTOCOLS["auto"]),
-        limit_concurrency=limits.get("limit_concurrency", config.limit_concurrency),
-        header_timeout_s=limits.get("header_timeout_s", config.header_timeout_s),
-        on_refused=lambda code: app.state.services.metrics.connections_refused.labels(str(code)).inc(),
-    )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
-    try:
+def live_app(app: Any, headers: dict[str, str] | None = None) -> Iterator[str]:
+    """`app` under uvicorn on loopback with the connection limits of `llmk serve`, once it is ready."""
+    services = app.state.services
+    with live_server(app, http=http_protocol(services.config, services.metrics)) as url:
         deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/ready", headers=limits.get("headers", {})).status_code != 200:
+        while httpx.get(f"{url}/ready", headers=headers or {}).status_code != 200:
             assert time.monotonic() < deadline, "the model did not become ready"
             time.sleep(0.05)
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
@@ -126,7 +103,7 @@ def test_per_key_concurrency_and_the_waiting_queue_answer_429(tmp_path, llama_di
     headers = {name: {"Authorization": f"Bearer {key}"} for name, key in (("alice", alice), ("bob", bob))}
     config = serve_config(llama_dir, max_concurrent_per_key=1, max_batch_size=1, max_waiting=1)
     app = create_app(config, model_dir=llama_dir, keys=KeyStore.load(keys_file))
-    with live_app(app, headers=headers["alice"]) as url:
+    with live_app(app, headers["alice"]) as url:
         slow_forward(app.state.services.engine, 0.05)
         long = {**COMPLETION, "max_tokens": 30}
         with httpx.Client(base_url=url, timeout=60) as client:
