@@ -30,6 +30,8 @@ bench: setup  ## benchmark scripts; each prints one JSON line
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/abuse.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/pii.py
 	$(BIN)/python bench/compress.py
