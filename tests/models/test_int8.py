@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from llmkernel.models.int8 import Int8Linear, prepare_int8, quantize_int8
+from llmkernel.models.int8 import Int8Linear, prepare_int8, quantize_int8, seven_bit_activations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,5 +120,8 @@ def test_fp32_emulation_matches_kernel(monkeypatch, static):
         module._packed = None
         emulated = module(x)
     assert module._packed is None
-    # static: the same uint8 codes, so only the summation order differs; dynamic emulation keeps x in fp32
-    assert _relative_error(emulated, kernel) < (1e-4 if static else 0.03)
+    # static: the same uint8 codes, so only the summation order differs (with VNNI); fbgemm's AVX2 path with
+    # 7-bit activations (seven_bit_activations) was measured 0.36% from the emulation. Dynamic emulation
+    # keeps x in fp32.
+    static_bound = 0.01 if seven_bit_activations() else 1e-4
+    assert _relative_error(emulated, kernel) < (static_bound if static else 0.03)
