@@ -54,6 +54,8 @@ def static_grid(input_scale: float) -> tuple[float, int, int]:
     if seven_bit_activations():
         return 2 * input_scale, STATIC_ZERO_POINT // 2, 127
     return input_scale, STATIC_ZERO_POINT, 255
+
+
 _pack_lock = threading.Lock()  # the engine switch and the warning filter below are process-wide
 
 

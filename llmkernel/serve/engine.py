@@ -112,6 +112,12 @@ class RequestHandle:
             with self._wake:
                 self._wake.notify()
 
+    def expire(self) -> None:
+        """End the iteration now with finish_reason "deadline" and cancel the request (the HTTP deadline,
+        for an engine that does not end it in time); call it on the handle's event loop."""
+        self._events.put_nowait(TokenEvent(None, "", "deadline"))
+        self.cancel()
+
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         if self._loop is None:
             raise RuntimeError("submit() was called without an event loop; iterate the handle with `for`")

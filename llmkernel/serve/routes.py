@@ -361,21 +361,17 @@ async def _stream(
         return _sse({**meta, "object": kind, "choices": [choice]})
 
     reason = None
-    loop = asyncio.get_running_loop()
     timeout = _http_deadline(services)
-    deadline = loop.time() + timeout
-    events = aiter(handle)
+    # One timer, not a timeout per token: the stream ends with "deadline" if the engine does not end it.
+    timer = asyncio.get_running_loop().call_later(timeout, handle.expire)
     try:
         if chat:
             yield chunk(None, role=True)
-        while reason is None:
-            try:
-                event = await asyncio.wait_for(anext(events), max(0.0, deadline - loop.time()))
-            except TimeoutError:  # the engine did not end it in time (stuck or stopped): say so, end
-                reason = "deadline"
+        async for event in handle:
+            reason = event.finish_reason or reason
+            if reason == "deadline":
                 break
             text = masker.feed(event.text) if masker else event.text
-            reason = event.finish_reason
             if text:
                 yield chunk(text)
         if reason == "deadline":
@@ -388,6 +384,7 @@ async def _stream(
             yield _sse({**meta, "object": kind, "choices": [], "usage": _usage([handle]).model_dump()})
         yield _sse("[DONE]")
     finally:
+        timer.cancel()
         handle.cancel()  # the client left mid-stream: stop generating for it
         _account(request, services, key_name, [handle], reserved)
 

@@ -182,6 +182,9 @@ class ScriptedHandle:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def expire(self) -> None:
+        self.cancelled = True
+
     async def __aiter__(self):
         for i, piece in enumerate(self.pieces):
             if self.cancelled:
