@@ -138,6 +138,7 @@ def staging_folder(out: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside `out`; on success it replaces `out`, on any error it is removed."""
     out = Path(out)
     check_writable_parent(out)
+    created = [folder for folder in out.absolute().parents if not folder.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -147,6 +148,9 @@ def staging_folder(out: str | Path) -> Iterator[Path]:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # a failed run leaves no empty folders of its own behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():

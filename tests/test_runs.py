@@ -71,3 +71,14 @@ def test_fingerprint_leaves_out_how_to_run_fields():
         {**config, "train": {**config["train"], "lr": 2.0}}, inputs, run_only
     )
     assert config["train"]["threads"] == 1  # the caller's dict is left alone
+
+
+def test_a_failed_run_leaves_no_empty_parent_folders_behind(tmp_path):
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError), staging_folder(out):
+        raise RuntimeError("the stage failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    with staging_folder(out) as stage:
+        (stage / "x").write_text("1")
+    assert (out / "x").read_text() == "1"
