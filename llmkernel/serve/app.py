@@ -34,7 +34,6 @@ from llmkernel.serve.alerts import AlertEvaluator, load_rules
 from llmkernel.serve.config import ServeConfig
 from llmkernel.serve.encoders import EncoderModel, MicroBatcher
 from llmkernel.serve.gate import (
-    CLIENT_GONE,
     Gate,
     limit_request_rate,
     require_api_key,
@@ -44,6 +43,7 @@ from llmkernel.serve.metrics import Lifecycle, Metrics, RequestObserver
 from llmkernel.serve.routes import ClientGone, router
 from llmkernel.serve.schemas import (
     AUTH_ERRORS,
+    CLIENT_GONE,
     SURROGATE_MESSAGE,
     ApiError,
     Health,

@@ -21,9 +21,9 @@ an idle new connection, or one sending its headers a byte a minute, open for eve
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -36,7 +36,6 @@ from llmkernel.serve.security import ANONYMOUS
 bearer_scheme = HTTPBearer(auto_error=False, description="an API key made with `llmk keys create`")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 OPEN_ROUTES = ("/health",)  # answered without a key (and /metrics with --public_metrics)
-CLIENT_GONE = 499  # nginx's code for "the client closed the connection before the answer"
 
 
 # ------------------------------------------------------------------------------- route dependencies
@@ -66,11 +65,13 @@ async def limit_request_rate(request: Request, key_name: Annotated[str, Depends(
 
 
 def rate_limited(wait_s: float, what: str) -> ApiError:
+    return too_many(f"rate limit exceeded ({what}); retry in {math.ceil(wait_s)} s", wait_s)
+
+
+def too_many(message: str, wait_s: float = 1.0) -> ApiError:
+    """A 429 with Retry-After (whole seconds, at least 1): a rate limit, or a limit on what is in flight."""
     return ApiError(
-        429,
-        f"rate limit exceeded ({what}); retry in {math.ceil(wait_s)} s",
-        type="rate_limit_error",
-        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+        429, message, type="rate_limit_error", headers={"Retry-After": str(max(1, math.ceil(wait_s)))}
     )
 
 
@@ -109,12 +110,9 @@ class Gate:
             limited = name is not None and scope["path"].startswith("/v1/") and config.max_concurrent_per_key
             if limited and self.in_flight.get(name, 0) >= config.max_concurrent_per_key:
                 self.services.metrics.rate_limited.inc()
-                raise ApiError(
-                    429,
+                raise too_many(
                     f"this key has {config.max_concurrent_per_key} requests in flight, the most one key may "
-                    "have (--max_concurrent_per_key); retry when one has finished",
-                    type="rate_limit_error",
-                    headers={"Retry-After": "1"},
+                    "have (--max_concurrent_per_key); retry when one has finished"
                 )
             body = await self._read_body(headers, receive)
         except ApiError as error:
@@ -225,13 +223,12 @@ def connection_protocol(
     """A subclass of uvicorn's HTTP protocol class `base` (h11 or httptools) with the connection limit and
     the header deadline of the module docstring; `on_refused(status)` counts each refusal."""
 
-    def raw_error(status: int, message: str, headers: dict[str, str]) -> bytes:
-        body = json.dumps(ApiError(status, message).body()).encode()
-        reason = {408: "Request Timeout", 429: "Too Many Requests"}[status]
-        lines = [f"HTTP/1.1 {status} {reason}", "content-type: application/json"]
-        lines += [f"content-length: {len(body)}", "connection: close"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    def raw_error(error: ApiError) -> bytes:
+        """The answer as bytes on the wire: there is no HTTP state machine yet to send it through."""
+        start, body = error.asgi_messages()
+        lines = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}".encode()]
+        lines += [name + b": " + value for name, value in [*start["headers"], (b"connection", b"close")]]
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body["body"]
 
     class LimitedProtocol(base):
         def connection_made(self, transport: Any) -> None:
@@ -241,10 +238,10 @@ def connection_protocol(
                 on_refused(429)
                 transport.write(
                     raw_error(
-                        429,
-                        f"this server has {limit_concurrency} connections open, its limit "
-                        "(--limit_concurrency); retry shortly",
-                        {"retry-after": "1"},
+                        too_many(
+                            f"this server has {limit_concurrency} connections open, its limit "
+                            "(--limit_concurrency); retry shortly"
+                        )
                     )
                 )
                 transport.close()
@@ -261,7 +258,7 @@ def connection_protocol(
                 return  # a request's headers arrived in time
             on_refused(408)
             message = f"the request headers did not arrive within {header_timeout_s:g} s (--header_timeout_s)"
-            self.transport.write(raw_error(408, message, {}))
+            self.transport.write(raw_error(ApiError(408, message)))
             self.transport.close()
 
         def on_response_complete(self) -> None:

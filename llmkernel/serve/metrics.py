@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from llmkernel.serve.schemas import ApiError
+from llmkernel.serve.schemas import CLIENT_GONE, ApiError
 
 ACCESS_LOGGER = "llmkernel.serve.access"
 log = logging.getLogger("llmkernel.serve")
@@ -33,7 +33,6 @@ ALWAYS_OPEN = ("/health", "/ready", "/metrics")
 # Answers that are not request errors: a probe saying "not ready" is its job, and 499 (the client left
 # before the answer) is the client's doing; neither may feed the error-rate alert.
 PROBES = ("/health", "/ready")
-CLIENT_GONE = 499
 
 
 class Metrics:

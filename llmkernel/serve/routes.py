@@ -20,7 +20,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from llmkernel.serve.gate import limit_request_rate, rate_limited
+from llmkernel.serve.gate import limit_request_rate, rate_limited, too_many
 from llmkernel.serve.schemas import (
     MODEL_ERRORS,
     ApiError,
@@ -141,12 +141,9 @@ def _check_queue(services: Services, count: int) -> None:
     limit, waiting = services.config.max_waiting, services.num_waiting
     if limit and waiting + count > limit:
         services.metrics.rate_limited.inc()
-        raise ApiError(
-            429,
+        raise too_many(
             f"{waiting} requests are waiting for the model, the most this server queues (--max_waiting); "
-            "retry shortly",
-            type="rate_limit_error",
-            headers={"Retry-After": "1"},
+            "retry shortly"
         )
 
 

@@ -29,6 +29,9 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+CLIENT_GONE = 499  # nginx's status for "the client closed the connection before the answer"
+
+
 class ApiError(Exception):
     """An error answer: status code, one-line message naming the problem and the fix, extra headers."""
 

@@ -85,16 +85,20 @@ class Services:
         limit = self.context_length - (1 if self.engine is not None else 0)  # room for one new token
         return min(limit, self.config.max_prompt_tokens) if self.config.max_prompt_tokens else limit
 
+    @property
+    def runner(self) -> Any:
+        """What runs the model: the generation engine (decoders) or the micro-batcher (encoders); None
+        while loading."""
+        return self.engine if self.engine is not None else self.batcher
+
     def health(self) -> str | None:
         """None while the loaded model answers; else why not (its engine stopped, or keeps failing)."""
-        runner = self.engine if self.engine is not None else self.batcher
-        return runner.health() if runner is not None else None
+        return self.runner.health() if self.runner is not None else None
 
     @property
     def num_waiting(self) -> int:
         """Requests queued for the model, not yet running (what --max_waiting bounds)."""
-        runner = self.engine if self.engine is not None else self.batcher
-        return runner.num_waiting if runner is not None else 0
+        return self.runner.num_waiting if self.runner is not None else 0
 
     def require(self, route: str, model: str | None) -> None:
         """Raise the ApiError for a request to `route` naming `model` that this server cannot answer now."""
