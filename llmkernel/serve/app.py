@@ -7,7 +7,7 @@ answer 503 until the model is loaded and has run one warm-up request.
 
 Middleware, outermost first: RequestObserver (request id, drain 503s, 500s with their id, metrics, access
 log), then the Gate (gate.py: Host, API key, per-key concurrency, body size and deadline). Routes: /health, /ready, /metrics, /v1/models here; the /v1 model routes
-in routes.py.
+in routes.py; the page at / (a chat for decoders, a form per route for encoders) in chat/page.py.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from llmkernel import __version__
 from llmkernel.models.loading import model_kind, resolve_model
 from llmkernel.serve.alerts import AlertEvaluator, load_rules
+from llmkernel.serve.chat.page import router as page_router
 from llmkernel.serve.config import ServeConfig
 from llmkernel.serve.encoders import EncoderModel, MicroBatcher
 from llmkernel.serve.gate import (
@@ -207,6 +208,7 @@ def create_app(
     _add_error_handlers(app)
     app.include_router(_core_routes())
     app.include_router(router)
+    app.include_router(page_router)
     app.openapi = lambda: _openapi(app)
     return app
 

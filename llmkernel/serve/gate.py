@@ -7,7 +7,8 @@ server costs it as little as possible (serve/security.py keeps the keys file, ra
    the server answers only Host names of this machine (localhost, 127.0.0.1, ::1), so a web page the
    operator opens cannot reach it under a name of its own; 403 otherwise. `--allowed_hosts` widens it.
 2. **API key**, from the headers alone, before a byte of the body is read: 401 (every route but /health,
-   and /metrics with --public_metrics). The routes' dependency `require_api_key` reads the name found here.
+   the page at / with its two files, and /metrics with --public_metrics). The routes' dependency
+   `require_api_key` reads the name found here.
 3. **Per-key concurrency**: a key with `--max_concurrent_per_key` /v1 requests in flight gets 429.
 4. **The body**, read here up to `--max_body_bytes` (413) within `--body_timeout_s` (408), then replayed to
    the app. A client that leaves while sending it gets no answer (logged as 499, not as a server error).
@@ -29,13 +30,16 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from llmkernel.serve.chat.page import PAGE_PATHS
 from llmkernel.serve.schemas import ApiError
 from llmkernel.serve.security import ANONYMOUS
 
 # The scheme declared in the OpenAPI spec; auto_error=False so a missing key becomes our own 401 body.
 bearer_scheme = HTTPBearer(auto_error=False, description="an API key made with `llmk keys create`")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
-OPEN_ROUTES = ("/health",)  # answered without a key (and /metrics with --public_metrics)
+# Answered without a key (and /metrics with --public_metrics): liveness, and the page at / with its script
+# and style (chat/page.py), which hold no data; the calls the page makes send the key.
+OPEN_ROUTES = ("/health", *PAGE_PATHS)
 
 
 # ------------------------------------------------------------------------------- route dependencies
