@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(stage.name, help=stage.summary, description=stage.summary, stage=stage)
         sub.set_defaults(stage=stage)
     demo = commands.add_parser(
-        "demo", help="run the pipeline on an embedded corpus (CPython's own docs), no download"
+        "demo",
+        help="the whole lifecycle on an embedded corpus (CPython's own docs), no download: prepare, pretrain, "
+        "fine-tune, evaluate, prune, quantize, export, serve, report",
     )
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's outputs")
     demo.add_argument("--force", action="store_true", help="run again even when the outputs are up to date")
@@ -100,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force", action="store_true", help="run every stage even when its outputs are up to date"
     )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a training stage that was stopped, from its checkpoint",
+    )
+    run.add_argument("--from", dest="start", metavar="STAGE", default="", help="first stage to run")
+    run.add_argument("--until", metavar="STAGE", default="", help="last stage to run")
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        default="",
+        help="put every stage's folder under this one (named by its section's out, or by the stage)",
+    )
+    run.add_argument(
+        "--serve-forever", action="store_true", help="a serve section keeps serving instead of check and stop"
+    )
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.set_defaults(stage=None, command="run")
     keys = commands.add_parser("keys", help="manage the API keys of `llmk serve --api-keys FILE`")
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
@@ -127,13 +146,22 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         if args.command == "demo":
-            from llmkernel.pipeline import run_demo
+            from llmkernel.demo import run_demo
 
             run_demo(args.out, force=args.force)
         elif args.command == "run":
-            from llmkernel.pipeline import run_recipe
+            from llmkernel.pipeline import Options, run_recipe
 
-            run_recipe(args.recipe, force=args.force)
+            options = Options(
+                force=args.force,
+                resume=args.resume,
+                start=args.start,
+                until=args.until,
+                out=args.out,
+                serve_forever=args.serve_forever,
+                report=not args.no_report,
+            )
+            run_recipe(args.recipe, options)
         elif args.command == "keys":
             from llmkernel.serve.security import create_key
 

@@ -1,56 +1,68 @@
-"""`llmk run RECIPE.yaml` and `llmk demo`: chain the stages, each reading the folder the previous one wrote.
+"""`llmk run RECIPE.yaml`: chain the stages, each reading the folder an earlier one wrote, then write the report.
 
 A recipe has one section per stage; each section holds that stage's config fields, and the sections run in
-the order of `stages.py` (prepare, pretrain, finetune, evaluate), whatever their order in the file. `serve`
-runs until stopped, so a recipe does not chain it. `llmk demo` is the same thing on an embedded recipe
-whose input is the documentation every CPython ships, so it runs anywhere with no download, and then
-explains what each stage wrote.
+the order of `stages.py` (prepare, pretrain, finetune, evaluate, prune, distill, quantize, export, serve),
+whatever their order in the file. How a recipe is read:
+
+* **Chaining.** A section that names no input takes the latest output an earlier section wrote of the kind
+  its stage reads (`Stage.takes`/`accepts`): pretrain reads prepare's data; finetune, evaluate, prune,
+  distill (its teacher), quantize and export read the latest model; serve the latest model or quantized one.
+  Evaluate and the compression stages' `measure.eval` default to the finetune section's evaluation file.
+* **Paths.** A relative input path is looked up in the working directory, then beside the recipe file.
+  Outputs are relative to the working directory; with `--out DIR` every stage's folder goes under DIR (named
+  by its section's `out`, or by the stage), and inputs that named an earlier section's `out` follow it.
+* **Running.** Every section is validated before any stage runs. A stage whose config and inputs are
+  unchanged skips (its own check); `--force` runs it again; `--from`/`--until` run a range, the stages
+  before it being read from their folders. A failing stage stops the chain with its one-line error; a stage
+  stopped by Ctrl-C/SIGTERM stops it too, and `llmk run --resume` continues that stage from its checkpoint.
+* **Serve** in a recipe starts the server, checks `/ready` and one request per route, and stops it
+  (`--serve-forever` keeps it up). At the end `llmk report` runs over every folder the recipe wrote.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmkernel.config import build, load_yaml
-from llmkernel.errors import ConfigError
+from llmkernel.errors import ConfigError, InputError, UserError
+from llmkernel.runs import MANIFEST, read_manifest
 from llmkernel.stages import RECIPE_STAGES, STAGES, stage
 
-# The embedded demo; recipes/demo.yaml holds the same recipe (a test keeps them equal).
-DEMO_RECIPE: dict[str, Any] = {
-    "prepare": {
-        "inputs": ["builtin:python-docs"],
-        "out": "runs/demo/data",
-        "tokenizer": {"kind": "bpe", "vocab_size": 4096},
-        "pack": {"val_fraction": 0.05},
-    },
-    "pretrain": {
-        "data": "runs/demo/data",
-        "out": "runs/demo/model",
-        "objective": "clm",
-        "model": {"size": "tiny", "layers": 2, "width": 128, "heads": 4, "kv_heads": 2},
-        "train": {
-            "batch_size": 16,
-            "seq_len": 128,
-            "max_steps": 150,
-            "eval_every": 75,
-            "checkpoint_every": 75,
-        },
-        "optim": {"lr": 0.003, "warmup_steps": 20},
-    },
-}
+REPORT_FOLDER = "report"  # where `llmk run` writes the report: beside the stage folders
 
 
-def stage_config(name: str, section: dict[str, Any], force: bool = False) -> Any:
-    """The config of recipe section `name` (`--force` of `llmk run` applies to every stage that has one)."""
-    if not isinstance(section, dict):
-        raise ConfigError(f"{name}: expected a mapping of config fields")
-    config_class = stage(name).config_class()
-    if "force" in {f.name for f in dataclasses.fields(config_class)}:
-        section = {**section, "force": force or section.get("force", False)}
-    return build(config_class, section, prefix=f"{name}.")
+@dataclass
+class Options:
+    """The options of `llmk run` (and `llmk demo`)."""
+
+    force: bool = False
+    resume: bool = False
+    start: str = ""  # --from: first stage to run ('': the first section)
+    until: str = ""  # --until: last stage to run ('': the last section)
+    out: str = ""  # --out: every stage's folder under it ('': as the sections say)
+    serve_forever: bool = False
+    report: bool = True
+    title: str = ""  # of the report ('': from the folders' names)
+
+
+@dataclass
+class Step:
+    """One section of a recipe, resolved: its stage, config and output folder, and whether it runs now."""
+
+    name: str
+    config: Any
+    out: str  # the folder it writes ('' for serve)
+    runs: bool = True
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- reading a recipe
 
 
 def check_sections(recipe: dict[str, Any]) -> None:
@@ -67,112 +79,212 @@ def check_sections(recipe: dict[str, Any]) -> None:
         raise ConfigError(f"unknown recipe section '{name}'; known stages: {known}")
     if not recipe:
         raise ConfigError(f"the recipe has no stage sections; add one of: {known}")
+    for name, section in recipe.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name}: expected a mapping of config fields")
 
 
-def run_stages(recipe: dict[str, Any], force: bool = False) -> dict[str, dict[str, Any]]:
-    """Validate every section first (so a typo fails before hours of work), then run them in pipeline order.
-
-    Returns each stage's metrics by stage name. A training stage stopped by Ctrl-C or SIGTERM checkpoints
-    and returns; the later stages then do not run on its unfinished output.
-    """
-    check_sections(recipe)
-    configs = {name: stage_config(name, recipe[name], force) for name in RECIPE_STAGES if name in recipe}
-    results: dict[str, dict[str, Any]] = {}
-    for name, config in configs.items():
-        results[name] = stage(name).run(config)
-        if _stopped(results[name]):
-            later = [n for n in configs if n not in results]
-            if later:
-                print(f"{name} was stopped; not running {', '.join(later)} (continue with --resume)")
-            break
-    return results
+def _default(config_class: type, name: str) -> Any:
+    for entry in dataclasses.fields(config_class):
+        if entry.name == name:
+            return entry.default if entry.default is not dataclasses.MISSING else entry.default_factory()
+    return None
 
 
-def _stopped(metrics: Any) -> bool:
-    return isinstance(metrics, dict) and metrics.get("stopped_by") in ("SIGINT", "SIGTERM")
+def resolve_paths(recipe: dict[str, Any], base: Path | None, out: str) -> dict[str, Any]:
+    """`recipe` with its outputs placed (under `out` if given) and relative inputs found (cwd, then `base`)."""
+    recipe = copy.deepcopy(recipe)
+    moved: dict[str, str] = {}  # an out a section named -> where it goes now
+    for name in _ordered(recipe):
+        section, config_class = recipe[name], stage(name).config_class()
+        if "out" not in {entry.name for entry in dataclasses.fields(config_class)}:
+            continue
+        named = section.get("out")
+        if out:
+            section["out"] = str(Path(out) / (Path(named).name if named else name))
+            if named:
+                moved[os.path.normpath(named)] = section["out"]
+        elif not named:
+            section["out"] = str(_default(config_class, "out"))
+
+    def place(value: Any, key: str) -> Any:
+        if isinstance(value, dict):
+            return {k: place(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [place(v, key) for v in value]
+        if (
+            not isinstance(value, str)
+            or key == "out"
+            or not value
+            or ":" in value
+            or Path(value).is_absolute()
+        ):
+            return value
+        if os.path.normpath(value) in moved:
+            return moved[os.path.normpath(value)]
+        if base is not None and not Path(value).exists() and (base / value).exists():
+            return str(base / value)
+        return value
+
+    return {name: place(section, name) for name, section in recipe.items()}
 
 
-def run_recipe(path: str | Path, force: bool = False) -> dict[str, dict[str, Any]]:
-    return run_stages(load_yaml(path), force=force)
+def _ordered(recipe: dict[str, Any]) -> list[str]:
+    return [name for name in RECIPE_STAGES if name in recipe]
 
 
-def demo_recipe(out: str | Path) -> dict[str, Any]:
-    """The demo recipe with its outputs under `out`."""
-    recipe = copy.deepcopy(DEMO_RECIPE)
-    recipe["prepare"]["out"] = recipe["pretrain"]["data"] = str(Path(out) / "data")
-    recipe["pretrain"]["out"] = str(Path(out) / "model")
+def chain(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Fill each section's input from an earlier section's output where the section names none."""
+    recipe = copy.deepcopy(recipe)
+    latest: list[tuple[str, str]] = []  # (kind, folder) in the order they were written
+    finetune = recipe.get("finetune", {})
+    eval_file = (finetune.get("data") or {}).get("eval", "")
+    for name in _ordered(recipe):
+        entry, section = stage(name), recipe[name]
+        if entry.takes and not section.get(entry.takes):
+            earlier = [folder for kind, folder in latest if kind in entry.accepts]
+            if earlier:
+                section[entry.takes] = earlier[-1]
+        if eval_file:
+            _fill_eval_file(name, section, eval_file, finetune)
+        if entry.gives and section.get("out"):
+            latest.append((entry.gives, section["out"]))
     return recipe
 
 
-def run_demo(out: str | Path = "runs/demo", force: bool = False) -> None:
-    """Prepare the embedded corpus, pretrain a small decoder on it, then show what each stage wrote."""
-    recipe = demo_recipe(out)
-    print(
-        "LLM Kernel demo: preparing a corpus from the documentation that ships with this Python\n"
-        "(pydoc topic pages and standard-library docstrings), with no download, then pretraining a\n"
-        "small decoder on it.\n"
-    )
-    metrics = run_stages(recipe, force=force)
-    explain_prepare(Path(recipe["prepare"]["out"]))
-    if not _stopped(metrics["pretrain"]):
-        explain_pretrain(Path(recipe["pretrain"]["out"]), metrics["pretrain"])
+def _fill_eval_file(name: str, section: dict[str, Any], eval_file: str, finetune: dict[str, Any]) -> None:
+    """Evaluate and the compression stages measure on the finetune section's evaluation file by default."""
+    if name == "evaluate":
+        section.setdefault("data", eval_file)
+    elif name in ("prune", "quantize", "distill"):
+        measure = section.setdefault("measure", {})
+        if isinstance(measure, dict):
+            measure.setdefault("eval", eval_file)
+    if name == "distill":
+        section.setdefault("task", finetune.get("task", ""))
+        section.setdefault("data", copy.deepcopy(finetune.get("data", {})))
 
 
-def explain_prepare(data: Path) -> None:
-    """Tell a new user what `llmk prepare` wrote and show a little of each output."""
-    import json
-
-    from llmkernel.io.files import iter_parts
-    from llmkernel.io.shards import TokenShards
-    from llmkernel.io.tokenizers import load_tokenizer
-
-    stats = json.loads((data / "stats.json").read_text())
-    tokenizer = load_tokenizer(data / "tokenizer")
-    first = next(iter_parts(data / "clean"))
-    masked = next(
-        (r for r in iter_parts(data / "clean") if "<EMAIL>" in r["text"] or "<IP_ADDRESS>" in r["text"]), None
-    )
-    val = TokenShards(data, "val")
-    sample_tokens = val.window(0, min(40, val.num_tokens)).tolist()
-    sentence = "Lists are mutable sequences, typically used to store collections of items."
-    pieces = tokenizer.tokenize(sentence)
-    print(f"""
-What the demo produced in {data}/:
-  clean/      {stats["output"]["documents"]:,} kept documents as jsonl.gz (id, source, text); first: {first["id"]}
-  excluded/   {sum(stats["dropped"].values()):,} dropped documents, each with its reason ({", ".join(stats["dropped"]) or "none"})
-  tokenizer/  a byte-level BPE with {len(tokenizer):,} tokens; `AutoTokenizer.from_pretrained("{data}/tokenizer")` loads it
-              "{sentence}"
-              -> {len(pieces)} tokens: {" ".join(pieces[:14])} ...
-  train/ val/ token shards ({stats["tokens"].get("train", 0):,} / {stats["tokens"].get("val", 0):,} tokens, {val.dtype.name}), described by shards.json
-              the first val tokens decode to: {tokenizer.decode(sample_tokens)[:160]!r}
-  stats.json  the counts printed above; run.json: config, input hashes, outputs and wall time""")
-    if masked:
-        at = min(i for i in (masked["text"].find("<EMAIL>"), masked["text"].find("<IP_ADDRESS>")) if i >= 0)
-        print(
-            f"  PII         masked in place, e.g. in {masked['id']}: ...{masked['text'][max(0, at - 60) : at + 40]!r}..."
-        )
+def stage_config(name: str, section: dict[str, Any], options: Options) -> Any:
+    """The config of recipe section `name`, with `llmk run`'s --force (and --resume where it applies)."""
+    config_class = stage(name).config_class()
+    fields = {entry.name for entry in dataclasses.fields(config_class)}
+    section = dict(section)
+    if "force" in fields:
+        section["force"] = options.force or section.get("force", False)
+    if "resume" in fields and options.resume and _interrupted(section.get("out", "")):
+        section["resume"], section["force"] = True, False
+    return build(config_class, section, prefix=f"{name}.")
 
 
-def explain_pretrain(model_dir: Path, metrics: dict[str, Any]) -> None:
-    """Tell a new user what `llmk pretrain` wrote (`metrics`: what it returned) and let the model write."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _interrupted(out: str) -> bool:
+    """An out folder holding checkpoints but no run.json: a training run that was stopped."""
+    folder = Path(out)
+    return bool(out) and (folder / "checkpoints").is_dir() and not (folder / MANIFEST).is_file()
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt = "The for statement"
-    torch.manual_seed(0)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    output = model.generate(
-        ids, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=40, pad_token_id=tokenizer.pad_token_id
-    )
-    sample = tokenizer.decode(output[0].tolist(), skip_special_tokens=True)
-    nan = float("nan")
-    print(f"""
-What the demo trained in {model_dir}/:
-  model       a {metrics.get("parameters", 0) / 1e6:.2f}M-parameter decoder, {metrics.get("step")} steps over {metrics.get("tokens_seen", 0):,} tokens
-              validation loss {metrics.get("val_loss", nan):.3f}, {metrics.get("val_bits_per_byte", nan):.3f} bits per byte (a uniform guess over bytes would be 8)
-  HF folder   config.json, model.safetensors, tokenizer.json: `AutoModelForCausalLM.from_pretrained("{model_dir}")` loads it
-  checkpoints/ resume with --resume; metrics.jsonl and tb/ (tensorboard --logdir {model_dir}/tb); run.json
-  sample      from the prompt {prompt!r}:
-              {sample[:200]!r}""")
+
+def plan(recipe: dict[str, Any], options: Options, base: Path | None = None) -> list[Step]:
+    """Every section resolved, chained and validated (a typo fails before hours of work), in pipeline order."""
+    check_sections(recipe)
+    recipe = chain(resolve_paths(recipe, base, options.out))
+    names = _ordered(recipe)
+    for flag, value in (("--from", options.start), ("--until", options.until)):
+        if value and value not in names:
+            raise ConfigError(
+                f"{flag} {value}: the recipe has no '{value}' section; it has {', '.join(names)}"
+            )
+    first = names.index(options.start) if options.start else 0
+    last = names.index(options.until) if options.until else len(names) - 1
+    if first > last:
+        raise ConfigError(f"--from {options.start} comes after --until {options.until} in the pipeline order")
+    steps = [
+        Step(name, stage_config(name, recipe[name], options), recipe[name].get("out", ""), first <= i <= last)
+        for i, name in enumerate(names)
+    ]
+    for step in steps[:first]:
+        if step.out and read_manifest(step.out) is None:
+            raise InputError(
+                f"--from {options.start}: {step.name}'s folder {step.out} holds no finished run (no {MANIFEST}); "
+                f"run the recipe without --from first"
+            )
+    return steps
+
+
+# ------------------------------------------------------------------------------------------ running it
+
+
+def run_stages(
+    recipe: dict[str, Any], options: Options | None = None, base: Path | None = None
+) -> list[Step]:
+    """Run the recipe's sections in pipeline order; returns every step with the metrics its stage returned.
+
+    A failing stage raises its UserError, prefixed with the stage's name, and the later stages do not run.
+    A training stage stopped by Ctrl-C or SIGTERM checkpoints and returns; the chain stops there.
+    """
+    options = options or Options()
+    steps = plan(recipe, options, base)
+    chosen = [step for step in steps if step.runs]
+    started = time.monotonic()
+    for number, step in enumerate(chosen, 1):
+        _announce(step, number, len(chosen), time.monotonic() - started)
+        began = time.monotonic()
+        try:
+            extra = {"serve_forever": options.serve_forever} if step.name == "serve" else {}
+            step.metrics = stage(step.name).run_in_recipe(step.config, **extra) or {}
+        except UserError as error:
+            raise type(error)(f"{step.name}: {error}") from None
+        if not isinstance(step.metrics, dict):
+            step.metrics = {}
+        print(f"  {step.name} finished in {_clock(time.monotonic() - began)}\n")
+        if stopped(step.metrics):
+            later = [s.name for s in chosen[number:]]
+            if later:
+                print(f"{step.name} was stopped; not running {', '.join(later)} (continue with --resume)")
+            return steps
+    if options.report and not any(stopped(s.metrics) for s in steps):
+        write_recipe_report(steps, options.out, options.title)
+    return steps
+
+
+def _announce(step: Step, number: int, total: int, elapsed: float) -> None:
+    """The progress line above a stage's own bar: which stage, how far into the run, what it reads and
+    writes, and an ETA where an earlier run of it in the same folder says how long it took."""
+    entry = stage(step.name)
+    source = getattr(step.config, entry.takes, "") if entry.takes else ""
+    what = f"{source} -> {step.out}" if source and step.out else step.out or str(source)
+    earlier = read_manifest(step.out) if step.out else None
+    eta = ""
+    if earlier and earlier.get("wall_time_s"):
+        eta = f" · its last run took {_clock(earlier['wall_time_s'])}"
+    print(f"[{number}/{total}] {step.name} · {_clock(elapsed)} into the run · {what}{eta}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def stopped(metrics: Any) -> bool:
+    """A stage that returned because of Ctrl-C or SIGTERM (early stopping is a normal end)."""
+    return isinstance(metrics, dict) and metrics.get("stopped_by") in ("SIGINT", "SIGTERM")
+
+
+def write_recipe_report(steps: list[Step], out: str, title: str = "") -> dict[str, Any] | None:
+    """`llmk report` over every folder the recipe wrote, beside them (in `out`, or their common parent)."""
+    from llmkernel.report.build import write_report
+
+    folders = [step.out for step in steps if step.out and read_manifest(step.out) is not None]
+    if not folders:
+        return None
+    root = Path(out) if out else Path(os.path.commonpath([os.path.abspath(f) for f in folders]))
+    if len(folders) == 1 and not out:
+        root = root.parent
+    return write_report(folders, root / REPORT_FOLDER, title)
+
+
+def run_recipe(path: str | Path, options: Options | None = None) -> list[Step]:
+    """`llmk run PATH`: the recipe's relative inputs are also looked up beside the recipe file."""
+    path = Path(path)
+    options = options or Options()
+    options = dataclasses.replace(options, title=options.title or f"llmk run {path.name}")
+    return run_stages(load_yaml(path), options, base=path.resolve().parent)

@@ -51,7 +51,7 @@ def test_shared_layers_import_no_stage_and_nothing_imports_the_cli():
     modules = _modules()
     shared = [m for m in modules if m.split(".")[1:2] in (["tasks"], ["io"], ["models"]) or m in BASE]
     assert sorted(f"{m} -> {d}" for m in shared for d in modules[m] if _stage(d)) == []
-    importers = {"llmkernel.cli", "llmkernel.pipeline", "llmkernel.stages"}
+    importers = {"llmkernel.cli", "llmkernel.pipeline", "llmkernel.demo", "llmkernel.stages"}
     assert (
         sorted(
             m

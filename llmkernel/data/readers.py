@@ -357,22 +357,41 @@ def _module_docs(name: str) -> str:
     """A module's docstring followed by those of its public classes and functions."""
     import importlib
     import inspect
-    import warnings
 
     module = importlib.import_module(name)
     parts = [f"{name}\n\n{inspect.getdoc(module) or ''}"]
-    seen = set()  # inherited docstrings repeat across classes (e.g. decimal's exceptions): keep the first
+    parts += [f"{qualname}\n\n{doc}" for qualname, doc in stdlib_docstrings(name)]
+    return "\n\n".join(parts)
+
+
+def stdlib_docstrings(name: str, methods: bool = False) -> Iterator[tuple[str, str]]:
+    """(qualified name, docstring) of module `name`'s public classes and functions (and their public
+    methods, with `methods`), each docstring once: inherited ones repeat (e.g. decimal's exceptions)."""
+    import importlib
+    import inspect
+    import warnings
+
+    module = importlib.import_module(name)
+    seen = set()
     with warnings.catch_warnings():  # e.g. typing.io's deprecation warning when its docstring is read
         warnings.simplefilter("ignore")
         for attr, value in sorted(vars(module).items()):
             if attr.startswith("_") or getattr(value, "__module__", None) != module.__name__:
                 continue
-            if inspect.isclass(value) or inspect.isfunction(value):
-                doc = inspect.getdoc(value)
+            if not (inspect.isclass(value) or inspect.isfunction(value)):
+                continue
+            members = [(f"{name}.{attr}", value)]
+            if methods and inspect.isclass(value):
+                members += [
+                    (f"{name}.{attr}.{member}", function)
+                    for member, function in sorted(vars(value).items())
+                    if not member.startswith("_") and inspect.isfunction(function)
+                ]
+            for qualname, member in members:
+                doc = inspect.getdoc(member)
                 if doc and doc not in seen:
                     seen.add(doc)
-                    parts.append(f"{name}.{attr}\n\n{doc}")
-    return "\n\n".join(parts)
+                    yield qualname, doc
 
 
 def _builtin_documents(spec: InputSpec, stats: ReadStats) -> Iterator[Document]:

@@ -147,6 +147,14 @@ def http_protocol(config: ServeConfig, metrics: Metrics) -> type:
 
 def serve(config: ServeConfig) -> None:
     """Serve `config.model` until SIGTERM; raises a UserError (exit code 2) if the model cannot load."""
+    server, sock, services = prepare_server(config)
+    server.run(sockets=[sock])
+    if services.lifecycle.status == "failed":
+        raise InputError(services.load_error or "the model failed to load")
+
+
+def prepare_server(config: ServeConfig) -> tuple[DrainingServer, socket.socket, Services]:
+    """The app, its uvicorn server and its bound socket (the log line says where), not yet running."""
     setup_logging(config.pii_types)
     log = logging.getLogger("llmkernel.serve")
     app = create_app(config)
@@ -179,6 +187,4 @@ def serve(config: ServeConfig) -> None:
         f"serving {services.model_dir} as '{services.model_name}' ({services.task}) on "
         f"http://{shown}:{port} with {auth}"
     )
-    server.run(sockets=[sock])
-    if services.lifecycle.status == "failed":
-        raise InputError(services.load_error or "the model failed to load")
+    return server, sock, services
