@@ -63,8 +63,8 @@ def probe(config: ServeConfig, serve_forever: bool = False) -> dict[str, Any]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        _wait_ready(url, services, thread)
-        answers = {route: _ask(url, route, headers) for route in services.routes}
+        _wait_ready(url, services, thread, headers)
+        answers = {route: _ask(url, route, headers) for route in _routes(services)}
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -87,7 +87,18 @@ class _Quiet:
             logging.getLogger(name).setLevel(level)
 
 
-def _wait_ready(url: str, services: Any, thread: threading.Thread) -> None:
+def _routes(services: Any) -> list[str]:
+    """The routes to check: all the model serves, but chat for a decoder without a chat template (its
+    tokenizer has none until a chat fine-tune gives it one; chat then answers 400 by design)."""
+    routes = list(services.routes)
+    if "/v1/chat/completions" in routes and not getattr(services.tokenizer, "chat_template", None):
+        routes.remove("/v1/chat/completions")
+        print("  POST /v1/chat/completions    not checked: the model has no chat template (a base model)")
+    return routes
+
+
+def _wait_ready(url: str, services: Any, thread: threading.Thread, headers: dict[str, str]) -> None:
+    """Until `/ready` answers 200 (it needs the key, as every route but /health does)."""
     import httpx
 
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -95,10 +106,14 @@ def _wait_ready(url: str, services: Any, thread: threading.Thread) -> None:
         if services.lifecycle.status == "failed" or not thread.is_alive():
             raise InputError(services.load_error or "serve: the server stopped before it was ready")
         try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
+            response = httpx.get(f"{url}/ready", headers=headers, timeout=5)
         except httpx.HTTPError:
-            pass  # not listening yet
+            response = None  # not listening yet
+        if response is not None and response.status_code == 200:
+            return
+        if response is not None and response.status_code in (401, 403):
+            message = response.json().get("error", {}).get("message", "")
+            raise InputError(f"serve: /ready answered {response.status_code}: {message} (LLMK_API_KEY)")
         time.sleep(0.2)
     raise InputError(f"serve: {url}/ready did not answer 200 within {READY_TIMEOUT_S:g} s")
 
