@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup browser test test-fast demo bench lint format clean
+.PHONY: setup system-packages test test-fast demo bench lint format clean
 
 $(BIN)/llmk: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,19 @@ $(BIN)/llmk: pyproject.toml
 
 setup: $(BIN)/llmk  ## create .venv with the project, its dev extras and the offline models
 
-# Debian's Chromium and its driver, for the browser tests of the report and the chat page (tests/browser.py).
+# The Debian programs the tests start on loopback: Chromium and its driver (the report and chat pages,
+# tests/browser.py), redis-server (shared rate limits), Prometheus with promtool and Alertmanager (rules,
+# scraping, alert delivery). Installed once, when one of them is missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-browser:  ## install Debian's chromium and chromium-driver when they are missing
-	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+DEBIAN_PACKAGES := chromium chromium-driver redis-server prometheus prometheus-alertmanager
+DEBIAN_PROGRAMS := /usr/bin/chromium /usr/bin/chromedriver /usr/bin/redis-server /usr/bin/prometheus \
+	/usr/bin/promtool /usr/bin/prometheus-alertmanager
+system-packages:  ## install the Debian programs the tests start, when one is missing
+	@for program in $(DEBIAN_PROGRAMS); do test -x $$program || missing=1; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEBIAN_PACKAGES); fi
 
-test: lint browser  ## the lint, then every test, unit and end-to-end (the CI command)
+test: lint system-packages  ## the lint, then every test, unit and end-to-end (the CI command)
 	$(BIN)/python -m pytest tests
 
 test-fast: setup  ## unit tests only

@@ -9,6 +9,7 @@ folder that looks complete, and an earlier complete output stays untouched until
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkernel import __version__
-from llmkernel.errors import UserError
+from llmkernel.errors import InputError, UserError
 
 MANIFEST = "run.json"
 
@@ -50,6 +51,13 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        failure = out_of_room(
+            error, str(path), f"{path.name} is as it was" if path.exists() else "nothing written"
+        )
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -57,6 +65,49 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
 
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+# A write that failed because the disk is full, a quota or a file-size limit was reached. torch.save reports
+# these without an errno ("unexpected pos N vs M", "iostream error", "file write failed"), so its messages
+# are matched too; safetensors says "os error 28/27".
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "a file-size limit was reached",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+_WRITE_MESSAGES = (
+    "No space left",
+    "File too large",
+    "Disk quota",
+    "os error 28",
+    "os error 27",
+    "os error 122",
+    "iostream error",
+    "unexpected pos",
+    "file write failed",
+)
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why `error` (or an error it came from) is a failed write for lack of room; None if it is not one."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+            return _WRITE_ERRNOS[error.errno]
+        if any(message in str(error) for message in _WRITE_MESSAGES):
+            return "no space left on the device or a file-size limit reached"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def out_of_room(error: BaseException, what: str, kept: str) -> InputError | None:
+    """The one-line error for a write of `what` that failed for lack of room (None for other errors);
+    `kept` says what is still as it was."""
+    reason = write_failure(error)
+    if reason is None:
+        return None
+    return InputError(f"could not write {what}: {reason}; free some space or choose another --out ({kept})")
 
 
 def atomic_write_json(path: str | Path, obj: Any, mode: int | None = None) -> None:
@@ -146,12 +197,16 @@ def staging_folder(out: str | Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # a failed run leaves no empty folders of its own behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        raise
+        kept = f"the previous {out} is unchanged" if out.exists() else "nothing was written"
+        failure = out_of_room(error, str(out), kept) if not isinstance(error, UserError) else None
+        if failure is None:
+            raise
+        raise failure from None
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
@@ -172,9 +227,16 @@ def files_into(out: str | Path) -> Iterator[Path]:
     temporary.mkdir(parents=True)
     try:
         yield temporary
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        failure = (
+            out_of_room(error, f"the model into {out}", f"{out} is as it was")
+            if not isinstance(error, UserError)
+            else None
+        )
+        if failure is None:
+            raise
+        raise failure from None
     for path in temporary.iterdir():
         target = out / path.name
         if target.is_dir():

@@ -1,6 +1,6 @@
 """Headless Chromium for the browser tests (report page, chat page), driven through Debian's chromedriver.
 
-`make test` installs Debian's `chromium` and `chromium-driver` (see the Makefile's `browser` target); where
+`make test` installs Debian's `chromium` and `chromium-driver` (the Makefile's `system-packages` target); where
 they are absent the tests that need them skip with that reason. Chromium is started with no network of its
 own (background networking, component updates and sync off): this machine's network is closed and every
 page under test is served on loopback or read from a file.
