@@ -127,6 +127,13 @@ STAGES: tuple[Stage, ...] = (
         recipe_run_path="llmkernel.serve.probe:probe",  # start, check /ready and every route, stop
     ),
     Stage(
+        "deploy",
+        "render Kubernetes manifests for serving a model: Deployment, Service, PDB, Secret, HPA/KEDA autoscaling",
+        "llmkernel.serve.deploy_config:DeployConfig",
+        "llmkernel.serve.kubernetes:deploy",
+        in_recipes=False,
+    ),
+    Stage(
         "report",
         "one self-contained HTML page (and its Markdown twin) over run folders: curves, tables, trade-offs",
         "llmkernel.report.config:ReportConfig",

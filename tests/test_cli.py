@@ -39,8 +39,10 @@ def _exit_code(argv: list[str], capsys) -> tuple[int, str]:
 def test_the_registry_is_in_pipeline_order_and_recipes_chain_all_but_the_report():
     compress = ["prune", "distill", "quantize", "export"]
     lifecycle = ["prepare", "pretrain", "finetune", "evaluate", *compress, "serve"]
-    assert [s.name for s in STAGES] == [*lifecycle, "report"]
-    assert RECIPE_STAGES == tuple(lifecycle)  # `llmk run` writes the report itself, at the end
+    assert [s.name for s in STAGES] == [*lifecycle, "deploy", "report"]
+    assert RECIPE_STAGES == tuple(
+        lifecycle
+    )  # `llmk run` writes the report itself, at the end; deploy renders
     assert stage("evaluate").config_path == "llmkernel.eval.config:EvaluateConfig"
     with pytest.raises(KeyError):
         stage("pretrian")
