@@ -40,6 +40,7 @@ from llmkernel.serve.gate import (
     require_api_key,
     require_metrics_access,
 )
+from llmkernel.serve.limits import SharedRateLimiter, make_limiter
 from llmkernel.serve.metrics import Lifecycle, Metrics, RequestObserver
 from llmkernel.serve.routes import ClientGone, router
 from llmkernel.serve.schemas import (
@@ -52,7 +53,7 @@ from llmkernel.serve.schemas import (
     ModelList,
     Readiness,
 )
-from llmkernel.serve.security import KeyStore, PiiMasker, RateLimiter, reload_keys, watch_keys
+from llmkernel.serve.security import KeyStore, PiiMasker, reload_keys, watch_keys
 from llmkernel.serve.state import Services
 
 log = logging.getLogger("llmkernel.serve")
@@ -157,6 +158,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await shutdown_model(services)
+        if isinstance(services.limiter, SharedRateLimiter):
+            services.limiter.close()  # its prober thread and its Redis connections
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -181,15 +184,16 @@ def create_app(
     if config.alerts:
         load_rules(config.alerts)  # a bad rules file fails here, before the server starts
     lifecycle = Lifecycle()
+    metrics = Metrics()
     services = Services(
         config=config,
         model_dir=model_dir,
         model_name=config.served_model_name or _default_model_name(config.model),
         kind=model_kind(model_dir),
         keys=keys,
-        limiter=RateLimiter(config.requests_per_minute, config.tokens_per_minute, keys, clock),
+        limiter=make_limiter(config, keys, metrics, clock),  # shared in Redis with --rate_limit_backend
         masker=PiiMasker(config.pii_types),
-        metrics=Metrics(),
+        metrics=metrics,
         lifecycle=lifecycle,
         created=int(time.time()),
     )

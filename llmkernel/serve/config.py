@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from llmkernel.config import check, option
 from llmkernel.pii import PII_TYPES
@@ -10,6 +12,28 @@ from llmkernel.pii import PII_TYPES
 PII_MASK_MODES = ("none", "inputs", "outputs", "both")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a --rate_limit_backend URL (None: nothing), checked at start rather than at the
+    first request, where it would only show as the fallback warning. A password in it is not repeated."""
+    shown = re.sub(r"//[^@/]*@", "//***@", url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number in 0-65535
+    except ValueError as error:
+        return f"{shown!r} is not a URL ({error})"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return f"{shown!r} is not a Redis URL (redis://, rediss:// or unix://)"
+    if parts.scheme == "unix":
+        return None if parts.path else f"{shown!r} names no socket file (unix:///path/to/redis.sock)"
+    if not parts.hostname:
+        return f"{shown!r} names no host"
+    if port == 0:
+        return f"{shown!r}: port 0 is not a port Redis listens on"
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return f"{shown!r}: the path must be a database number (/0), got {parts.path!r}"
+    return None
 
 
 @dataclass
@@ -37,6 +61,12 @@ class ServeConfig:
     public_metrics: bool = option(False, "serve /metrics without a key even when --api_keys is set")
     requests_per_minute: int = option(0, "per-key request limit (token bucket; 0: unlimited)")
     tokens_per_minute: int = option(0, "per-key prompt+completion token limit (token bucket; 0: unlimited)")
+    rate_limit_backend: str | None = option(
+        None,
+        "redis://HOST:PORT[/DB] (or rediss://, unix://PATH): rate limits shared by every server using it "
+        "(needs the redis extra); default: each server limits on its own",
+    )
+    rate_limit_prefix: str = option("llmk:ratelimit", "prefix of the Redis keys of --rate_limit_backend")
     max_body_bytes: int = option(1_048_576, "largest request body accepted; larger ones get 413")
     max_prompt_tokens: int = option(0, "longest prompt in tokens (0: the model's context length)")
     max_tokens: int = option(512, "largest `max_tokens` a completion request may ask for")
@@ -88,12 +118,28 @@ class ServeConfig:
         None, "URL that firing alerts are POSTed to (overrides the rules file)"
     )
     seed: int = option(0, "seed for sampling requests that do not give one")
+    # Ray Serve (serve/ray_backend.py): the same app as a deployment whose replicas follow the traffic.
+    backend: str = option("uvicorn", "uvicorn (one process) or ray (a Ray Serve deployment, autoscaled)")
+    min_replicas: int = option(1, "ray: fewest replicas (each loads the model)")
+    max_replicas: int = option(1, "ray: most replicas the autoscaler may start")
+    target_ongoing_requests: float = option(
+        2.0, "ray: requests in flight per replica the autoscaler aims at (more: it adds replicas)"
+    )
+    upscale_delay_s: float = option(30.0, "ray: how long the load must stay high before a replica is added")
+    downscale_delay_s: float = option(600.0, "ray: how long it must stay low before a replica is removed")
+    look_back_period_s: float = option(30.0, "ray: window over which requests in flight are averaged")
+    replica_cpus: float = option(0.0, "ray: CPUs reserved per replica, fractions allowed (0: cores / max)")
+    ray_address: str | None = option(None, "ray: address of a running Ray cluster (default: start one here)")
 
     def __post_init__(self) -> None:
         check(bool(self.model), "model", "a model folder, .gguf file or model name is required")
         check(0 <= self.port <= 65535, "port", "must be between 0 and 65535")
         check(self.requests_per_minute >= 0, "requests_per_minute", "must be >= 0 (0: unlimited)")
         check(self.tokens_per_minute >= 0, "tokens_per_minute", "must be >= 0 (0: unlimited)")
+        if self.rate_limit_backend:
+            problem = redis_url_problem(self.rate_limit_backend)
+            check(problem is None, "rate_limit_backend", f"{problem}; give e.g. redis://127.0.0.1:6379")
+        check(bool(self.rate_limit_prefix.strip()), "rate_limit_prefix", "must not be empty")
         check(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         check(
             self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0 (0: the model's context length)"
@@ -118,6 +164,13 @@ class ServeConfig:
         check(self.max_model_len is None or self.max_model_len >= 16, "max_model_len", "must be >= 16")
         check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
         check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
+        check(self.backend in ("uvicorn", "ray"), "backend", f"must be uvicorn or ray, got {self.backend!r}")
+        check(self.min_replicas >= 1, "min_replicas", "must be >= 1")
+        check(self.max_replicas >= self.min_replicas, "max_replicas", "must be >= --min_replicas")
+        check(self.target_ongoing_requests > 0, "target_ongoing_requests", "must be > 0")
+        for name in ("upscale_delay_s", "downscale_delay_s", "replica_cpus"):
+            check(getattr(self, name) >= 0, name, "must be >= 0")
+        check(self.look_back_period_s > 0, "look_back_period_s", "must be > 0")
 
     @property
     def loopback(self) -> bool:

@@ -5,6 +5,10 @@ only this server's numbers. `RequestObserver` is the outermost middleware: it gi
 (returned as `X-Request-ID`), answers 503 while the server drains, counts requests and errors, and writes
 the request's log line when the response has been sent (for a stream: after its last chunk).
 
+With `--rate_limit_backend` (limits.py), `llmk:rate_limit_backend_up` is 1 while the rate limits are
+shared in Redis and 0 while this server falls back to its own (Redis does not answer); without a backend
+the gauge is not exported, since there is nothing to be up.
+
 A log line holds the request id, method, route, status, latency, the key's *name*, token counts and a
 preview of the prompt with PII masked; never the key, the raw prompt, the client address or the output.
 """
@@ -71,6 +75,15 @@ class Metrics:
             "connections closed before a request: over --limit_concurrency (429) or headers too slow (408)",
             ["code"],
             registry=r,
+        )
+
+    def track_rate_limit_backend(self) -> Gauge:
+        """The gauge of limits.py's SharedRateLimiter, registered only when a backend is set (a constant 0
+        on every server without one would read as an outage)."""
+        return Gauge(
+            "llmk:rate_limit_backend_up",
+            "1 while rate limits are shared in Redis (--rate_limit_backend), 0 while this server limits alone",
+            registry=self.registry,
         )
 
     def track_load(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:

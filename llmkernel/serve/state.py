@@ -16,6 +16,7 @@ from typing import Any
 
 from llmkernel.serve.config import ServeConfig
 from llmkernel.serve.encoders import EncoderModel, MicroBatcher
+from llmkernel.serve.limits import SharedRateLimiter
 from llmkernel.serve.metrics import Lifecycle, Metrics
 from llmkernel.serve.schemas import ApiError
 from llmkernel.serve.security import KeyStore, PiiMasker, RateLimiter
@@ -52,7 +53,7 @@ class Services:
     model_name: str
     kind: str  # the folder's model kind, a key of SERVING_MODES
     keys: KeyStore | None
-    limiter: RateLimiter
+    limiter: RateLimiter | SharedRateLimiter  # SharedRateLimiter with --rate_limit_backend
     masker: PiiMasker
     metrics: Metrics
     lifecycle: Lifecycle

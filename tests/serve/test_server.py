@@ -105,8 +105,8 @@ def test_config_errors_name_the_flag():
 def test_error_logs_are_masked_but_info_lines_keep_addresses():
     import logging
 
+    from llmkernel.serve.logs import JsonLines, MaskPii
     from llmkernel.serve.security import PiiMasker
-    from llmkernel.serve.server import JsonLines, MaskPii
 
     mask, formatter = MaskPii(PiiMasker(["email", "ip"])), JsonLines()
     try:
@@ -127,7 +127,7 @@ def test_error_logs_are_masked_but_info_lines_keep_addresses():
 def test_every_logger_under_the_handler_is_masked(capsys):
     import logging
 
-    from llmkernel.serve.server import setup_logging
+    from llmkernel.serve.logs import setup_logging
 
     setup_logging(["email"])
     logging.getLogger("llmkernel.serve.routes").error("a request from bob@example.org failed")
