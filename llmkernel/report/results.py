@@ -14,6 +14,8 @@ from typing import Any
 from llmkernel.report import plots
 from llmkernel.report.collect import Run
 from llmkernel.report.document import Figure, Heading, Section, Table, Text, cell, megabytes
+from llmkernel.tasks.metrics import most_confused_pairs
+from llmkernel.tasks.report import MAX_MATRIX_LABELS
 
 SCORES = ("precision", "recall", "f1", "support")
 
@@ -57,9 +59,15 @@ def _confusion(run: Run, report: dict[str, Any], suffix: str, title: str) -> lis
     labels, matrix = report["labels"], report["confusion_matrix"]
     png = f"confusion_matrix{suffix}.png"
     image = (run.folder / png).read_bytes() if run.has(png) else plots.confusion_matrix(matrix, labels, title)
-    table = Table(["true \\ predicted", *labels], [[label, *row] for label, row in zip(labels, matrix)])
     alt = f"Confusion matrix{' under attack' if suffix else ''} of {run.label}: rows true, columns predicted"
-    return [Text(f"Confusion matrix ({title}):"), table, Figure(f"{run.short}-confusion{suffix}", image, alt)]
+    figure = Figure(f"{run.short}-confusion{suffix}", image, alt)
+    if len(labels) > MAX_MATRIX_LABELS:  # a 77 x 77 table says nothing: the pairs most often confused
+        pairs = most_confused_pairs(matrix, labels)
+        rows = [[p["true"], p["predicted"], p["count"], p["share"]] for p in pairs]
+        table = Table(["true", "predicted as", "errors", "share of true"], rows)
+        return [Text(f"Most confused pairs ({title}), of {len(labels)} labels:"), table, figure]
+    table = Table(["true \\ predicted", *labels], [[label, *row] for label, row in zip(labels, matrix)])
+    return [Text(f"Confusion matrix ({title}):"), table, figure]
 
 
 def _comparison_figure(run: Run, report: dict[str, Any], attacked: dict[str, Any], kind: str) -> Figure:

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from llmkernel.runs import atomic_write_bytes, atomic_write_json
-from llmkernel.tasks.metrics import safe_divide
+from llmkernel.tasks.metrics import most_confused_pairs, safe_divide
 
 LABEL_WIDTH = 12  # label names longer than this are cut in printed tables
+MAX_MATRIX_LABELS = 12  # more labels: the printed report lists the most confused pairs instead of the matrix
 
 
 def _short(name: str, width: int = LABEL_WIDTH) -> str:
@@ -71,8 +72,18 @@ def format_classification_report(report: dict[str, Any]) -> str:
         row("macro avg", report["macro_precision"], report["macro_recall"], report["macro_f1"], total)
     )
     lines.append(row("weighted avg", weighted["precision"], weighted["recall"], report["weighted_f1"], total))
-    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
-    lines.append(format_confusion_matrix(report["confusion_matrix"], report["labels"]))
+    if len(report["labels"]) <= MAX_MATRIX_LABELS:
+        lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+        lines.append(format_confusion_matrix(report["confusion_matrix"], report["labels"]))
+    else:  # too wide to print: the pairs it would show, most errors first (the whole matrix is in eval.json)
+        pairs = report.get("confused_pairs") or most_confused_pairs(
+            report["confusion_matrix"], report["labels"]
+        )
+        lines += ["", "most confused pairs (true -> predicted: errors, share of the true label's examples)"]
+        lines += [
+            f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['share']:.0%})"
+            for pair in pairs
+        ]
     return "\n".join(lines)
 
 

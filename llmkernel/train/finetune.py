@@ -56,6 +56,9 @@ from llmkernel.train.parallel import full_state_dict, gathered, load_full_state_
 
 STAGE = "finetune"
 TARGET_STEPS = 800  # default epochs aim at about this many optimizer steps (at least 1, at most 10 epochs)
+# ... and at least this many per label: with many classes each needs its share of steps. BANKING77 (77
+# intents, MiniLM, 313 steps an epoch): 3 epochs (the 800-step target) 0.900 test accuracy, 5 epochs 0.928.
+STEPS_PER_LABEL = 20
 BEST = "best"
 
 
@@ -232,7 +235,8 @@ def resolve_defaults(
 ) -> FinetuneConfig:
     """Fill every automatic (0) setting from the data, method and model, and say what was chosen."""
     steps_per_epoch = task.steps_per_epoch(config.train.grad_accum, world_size)
-    epochs = config.epochs or float(min(10, max(1, round(TARGET_STEPS / steps_per_epoch))))
+    target_steps = max(TARGET_STEPS, STEPS_PER_LABEL * len(task.names))
+    epochs = config.epochs or float(min(10, max(1, round(target_steps / steps_per_epoch))))
     max_steps = config.train.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     width = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 768)
     lr = config.optim.lr or default_learning_rate(config.method, width)

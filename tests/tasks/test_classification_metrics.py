@@ -7,8 +7,8 @@ import json
 import pytest
 
 from llmkernel.errors import InputError
-from llmkernel.tasks.metrics import classification_report
-from llmkernel.tasks.report import format_classification_report, plot_confusion_matrix
+from llmkernel.tasks.metrics import classification_report, most_confused_pairs
+from llmkernel.tasks.report import MAX_MATRIX_LABELS, format_classification_report, plot_confusion_matrix
 
 LABELS = ["neg", "neu", "pos"]
 # confusion (rows true, columns predicted):
@@ -119,3 +119,24 @@ def test_plot_many_labels_and_empty_rows(tmp_path) -> None:
     matrix[0][1] = 5
     path = plot_confusion_matrix(matrix, labels, tmp_path / "cm.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_most_confused_pairs_are_the_largest_off_diagonal_cells() -> None:
+    report = classification_report(Y_TRUE, Y_PRED, LABELS)  # errors: neg->neu 1, pos->neg 1, pos->neu 1
+    assert report["confused_pairs"] == [
+        {"true": "neg", "predicted": "neu", "count": 1, "share": 0.5},
+        {"true": "pos", "predicted": "neg", "count": 1, "share": pytest.approx(1 / 3)},
+        {"true": "pos", "predicted": "neu", "count": 1, "share": pytest.approx(1 / 3)},
+    ]
+    assert most_confused_pairs([[5, 0], [0, 5]], ["a", "b"]) == []  # no error, no pair
+    assert len(most_confused_pairs([[0, 1, 1], [1, 0, 1], [1, 1, 0]], ["a", "b", "c"], top=2)) == 2
+
+
+def test_many_labels_print_the_most_confused_pairs_instead_of_the_matrix() -> None:
+    labels = [f"intent_{i}" for i in range(MAX_MATRIX_LABELS + 1)]
+    y_true = [i for i in range(len(labels)) for _ in range(4)]
+    y_pred = [(i + 1) % len(labels) if k == 0 else i for i in range(len(labels)) for k in range(4)]
+    y_pred[1] = 5  # intent_0 also mistaken once for intent_5
+    text = format_classification_report(classification_report(y_true, y_pred, labels))
+    assert "confusion matrix" not in text and "most confused pairs" in text
+    assert "  intent_0 -> intent_1: 1 (25%)" in text and "  intent_0 -> intent_5: 1 (25%)" in text
