@@ -230,14 +230,15 @@ def _walk(cls: type, prefix: str = "", instance: Any = None):
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner, _ = _unwrap_optional(tp)
-        default = getattr(instance, f.name) if instance is not None else _default_of(f)
+        default = getattr(instance, f.name) if instance is not None else field_default(f)
         if dataclasses.is_dataclass(inner):
             yield from _walk(inner, f"{prefix}{f.name}.", default)
         else:
             yield prefix + f.name, f, tp, cls, default
 
 
-def _default_of(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
+    """The default of a dataclass field (its factory called), or None for a required field."""
     if f.default is not _MISSING:
         return f.default
     if f.default_factory is not _MISSING:

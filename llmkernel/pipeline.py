@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmkernel.config import build, load_yaml
+from llmkernel.config import build, field_default, load_yaml
 from llmkernel.errors import ConfigError, InputError, UserError
 from llmkernel.runs import MANIFEST, read_manifest
 from llmkernel.stages import RECIPE_STAGES, STAGES, stage
@@ -84,20 +84,14 @@ def check_sections(recipe: dict[str, Any]) -> None:
             raise ConfigError(f"{name}: expected a mapping of config fields")
 
 
-def _default(config_class: type, name: str) -> Any:
-    for entry in dataclasses.fields(config_class):
-        if entry.name == name:
-            return entry.default if entry.default is not dataclasses.MISSING else entry.default_factory()
-    return None
-
-
 def resolve_paths(recipe: dict[str, Any], base: Path | None, out: str) -> dict[str, Any]:
     """`recipe` with its outputs placed (under `out` if given) and relative inputs found (cwd, then `base`)."""
     recipe = copy.deepcopy(recipe)
     moved: dict[str, str] = {}  # an out a section named -> where it goes now
     for name in _ordered(recipe):
-        section, config_class = recipe[name], stage(name).config_class()
-        if "out" not in {entry.name for entry in dataclasses.fields(config_class)}:
+        section = recipe[name]
+        out_field = {f.name: f for f in dataclasses.fields(stage(name).config_class())}.get("out")
+        if out_field is None:
             continue
         named = section.get("out")
         if out:
@@ -105,7 +99,7 @@ def resolve_paths(recipe: dict[str, Any], base: Path | None, out: str) -> dict[s
             if named:
                 moved[os.path.normpath(named)] = section["out"]
         elif not named:
-            section["out"] = str(_default(config_class, "out"))
+            section["out"] = str(field_default(out_field))
 
     def place(value: Any, key: str) -> Any:
         if isinstance(value, dict):

@@ -188,7 +188,7 @@ def _probes(config: DeployConfig) -> dict[str, Any]:
 
 
 def deployment(config: DeployConfig, name: str, labels: dict[str, str], argv: list[str]) -> dict[str, Any]:
-    selector = {k: labels[k] for k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+    selector = pod_selector(labels)
     resources: dict[str, Any] = {
         "requests": {"cpu": config.cpu_request, "memory": config.memory_request},
         "limits": {"memory": config.memory_limit or config.memory_request},
@@ -302,8 +302,13 @@ def grace_period_s(config: DeployConfig) -> int:
     return math.ceil(PRESTOP_SLEEP_S + 2 * config.drain_timeout_s + GRACE_SLACK_S)
 
 
+def pod_selector(labels: dict[str, str]) -> dict[str, str]:
+    """The labels that pick this release's pods (the Service's selector, the PDB's matchLabels)."""
+    return {k: labels[k] for k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+
+
 def service(config: DeployConfig, name: str, labels: dict[str, str]) -> dict[str, Any]:
-    selector = {k: labels[k] for k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+    selector = pod_selector(labels)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -317,7 +322,7 @@ def service(config: DeployConfig, name: str, labels: dict[str, str]) -> dict[str
 
 
 def disruption_budget(config: DeployConfig, name: str, labels: dict[str, str]) -> dict[str, Any]:
-    selector = {k: labels[k] for k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+    selector = pod_selector(labels)
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",

@@ -164,7 +164,7 @@ class SharedRateLimiter:
 
     def _shared(self, key_name: str, kind: str, operation: str, amount: int) -> float | None:
         """The script's answer; 0 for an unlimited key (no round trip); None when Redis is away."""
-        limit = self.local._limit(key_name, kind)
+        limit = self.local.limit(key_name, kind)
         if limit <= 0:
             return 0.0
         if not self.up:

@@ -313,14 +313,15 @@ class RateLimiter:
         self.clock = clock
         self.buckets: dict[tuple[str, str], TokenBucket | None] = {}
 
-    def _limit(self, key_name: str, kind: str) -> int:
+    def limit(self, key_name: str, kind: str) -> int:
+        """Per-minute limit of `kind` (requests or tokens) for a key: its own override, else the default."""
         key = self.overrides.get(key_name)
         override = getattr(key, f"{kind}_per_minute", None) if key else None
         return override if override is not None else self.defaults[kind == "tokens"]
 
     def _bucket(self, key_name: str, kind: str) -> TokenBucket | None:
         if (key_name, kind) not in self.buckets:
-            limit = self._limit(key_name, kind)
+            limit = self.limit(key_name, kind)
             self.buckets[key_name, kind] = TokenBucket(limit, self.clock) if limit > 0 else None
         return self.buckets[key_name, kind]
 
@@ -329,12 +330,12 @@ class RateLimiter:
         gets new ones (keeping what it had used, so a lowered limit does not hand out a fresh minute)."""
         new_overrides = {key.name: key for key in keys.keys}
         names = set(self.overrides) | set(new_overrides)
-        before = {name: (self._limit(name, "requests"), self._limit(name, "tokens")) for name in names}
+        before = {name: (self.limit(name, "requests"), self.limit(name, "tokens")) for name in names}
         self.overrides = new_overrides
         for name, limits in before.items():
             removed = name not in new_overrides
             for kind, limit in zip(("requests", "tokens"), limits):
-                if not removed and self._limit(name, kind) == limit:
+                if not removed and self.limit(name, kind) == limit:
                     continue
                 old = self.buckets.pop((name, kind), None)
                 if not removed and old is not None and (new := self._bucket(name, kind)) is not None:

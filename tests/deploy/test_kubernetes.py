@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from llmkernel.cli import build_parser, main
+from llmkernel.cli import build_parser
 from llmkernel.config import config_from_args
 from llmkernel.serve.app import create_app
 from llmkernel.serve.config import ServeConfig
@@ -38,6 +37,7 @@ from llmkernel.serve.kubernetes_scaling import CUSTOM_METRIC, METRIC
 from llmkernel.serve.security import KeyStore, create_key
 from tests.conftest import REPO, run_llmk
 from tests.serve.conftest import live_server
+from tests.test_cli import _exit_code
 from tests.tiny_models import make_tiny_bert
 
 KUBERNETES_VERSION = "1.37"  # the newest schemas kubernetes-validate 1.37 ships
@@ -337,14 +337,8 @@ def test_run_json_records_the_render(with_keys):
 
 def _fails(argv: list[str], capsys) -> str:
     """Run `llmk` in process; it must exit 2 with one line on stderr, which is returned."""
-    handler = signal.getsignal(signal.SIGTERM)  # main installs its own
-    try:
-        code = main(argv)
-    except SystemExit as exit:
-        code = exit.code
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    error = capsys.readouterr().err.strip()
+    code, error = _exit_code(argv, capsys)
+    error = error.strip()
     assert code == 2 and len(error.splitlines()) == 1, error
     return error
 
