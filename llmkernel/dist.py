@@ -101,5 +101,8 @@ def print0(*args, **kwargs) -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a rank that tears its gloo pairs down while another still
+    talks on them aborts ("terminate called without an active exception"), so all wait first."""
     if is_distributed():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()

@@ -90,6 +90,7 @@ def _helpers_on_two_ranks(rank: int, port: int) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from llmkernel.dist import cleanup
     from llmkernel.train.loop import StopFlag
     from llmkernel.train.parallel import full_state_dict, gathered, gradient_norm, load_full_state_dict
 
@@ -121,7 +122,7 @@ def _helpers_on_two_ranks(rank: int, port: int) -> None:
     assert StopFlag("SIGINT" if rank == 0 else "SIGTERM").agree(False, cpu) == "SIGTERM"
     assert StopFlag().agree(rank == 1, cpu) == "time_limit"
     assert StopFlag().agree(False, cpu) is None
-    torch_dist.destroy_process_group()
+    cleanup()
 
 
 def test_fsdp_helpers_gather_and_scatter_on_two_gloo_processes():
