@@ -177,8 +177,11 @@ def _interrupted(out: str) -> bool:
     return bool(out) and (folder / "checkpoints").is_dir() and not (folder / MANIFEST).is_file()
 
 
-def plan(recipe: dict[str, Any], options: Options, base: Path | None = None) -> list[Step]:
-    """Every section resolved, chained and validated (a typo fails before hours of work), in pipeline order."""
+def plan(
+    recipe: dict[str, Any], options: Options, base: Path | None = None, check_files: bool = False
+) -> list[Step]:
+    """Every section resolved, chained and validated (a typo fails before hours of work), in pipeline order;
+    with `check_files`, the input files of the stages to run too (`check_inputs`)."""
     check_sections(recipe)
     recipe = chain(resolve_paths(recipe, base, options.out))
     names = _ordered(recipe)
@@ -195,6 +198,9 @@ def plan(recipe: dict[str, Any], options: Options, base: Path | None = None) -> 
         Step(name, stage_config(name, recipe[name], options), recipe[name].get("out", ""), first <= i <= last)
         for i, name in enumerate(names)
     ]
+    if check_files:
+        outs = [recipe[name].get("out", "") for name in names[:last]]
+        check_inputs(recipe, names[first : last + 1], outs)
     for step in steps[:first]:
         if step.out and read_manifest(step.out) is None:
             raise InputError(
@@ -202,6 +208,38 @@ def plan(recipe: dict[str, Any], options: Options, base: Path | None = None) -> 
                 f"run the recipe without --from first"
             )
     return steps
+
+
+FILE_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv", ".txt", ".parquet", ".yaml", ".yml")
+
+
+def check_inputs(recipe: dict[str, Any], names: list[str], outs: list[str]) -> None:
+    """Every input file the sections `names` name exists, or lies in a folder a section writes: a missing
+    file fails before the stages ahead of it run (not after an hour of pretraining). A value counts as a
+    file when it names a folder (has a `/`) or ends with a data-file suffix; `builtin:` names are not."""
+    written = [Path(out) for out in outs if out]
+
+    def missing(value: Any, key: str) -> list[tuple[str, str]]:
+        if isinstance(value, dict):
+            return [m for k, v in value.items() if k != "out" for m in missing(v, f"{key}.{k}")]
+        if isinstance(value, list):
+            return [m for v in value for m in missing(v, key)]
+        if not isinstance(value, str) or ":" in value or not value:
+            return []
+        if "/" not in value and not value.endswith(FILE_SUFFIXES):
+            return []
+        path = Path(value)
+        if path.exists() or any(folder == path or folder in path.parents for folder in written):
+            return []
+        return [(key, value)]
+
+    for name in names:
+        for key, value in missing(recipe[name], name):
+            raise InputError(
+                f"{key}: {value} does not exist and no section of the recipe writes it; "
+                "create it or fix the path (relative paths are looked up in the working directory, "
+                "then beside the recipe)"
+            )
 
 
 # ------------------------------------------------------------------------------------------ running it
@@ -216,7 +254,7 @@ def run_stages(
     A training stage stopped by Ctrl-C or SIGTERM checkpoints and returns; the chain stops there.
     """
     options = options or Options()
-    steps = plan(recipe, options, base)
+    steps = plan(recipe, options, base, check_files=True)
     chosen = [step for step in steps if step.runs]
     started = time.monotonic()
     for number, step in enumerate(chosen, 1):

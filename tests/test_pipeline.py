@@ -55,6 +55,7 @@ def test_nothing_imports_the_cli_or_the_pipeline():
 class _FakeConfig:
     value: int = 0
     force: bool = False
+    data: str = ""
 
 
 @dataclass
@@ -105,6 +106,17 @@ def test_every_section_is_checked_before_any_stage_runs(fake_stages):
     with pytest.raises(ConfigError, match="unknown field 'evaluate.valu'"):
         pipeline.run_stages({"prepare": {}, "evaluate": {"valu": 1}}, NO_REPORT)
     assert ran == []
+
+
+def test_a_missing_input_file_fails_before_any_stage_runs(fake_stages, tmp_path):
+    ran, _ = fake_stages
+    missing = str(tmp_path / "task" / "train.jsonl")
+    with pytest.raises(InputError, match=rf"^evaluate.data: {missing} does not exist and no section"):
+        pipeline.run_stages({"prepare": {"value": 1}, "evaluate": {"data": missing}}, NO_REPORT)
+    assert ran == []  # not after prepare and pretrain have run
+    recipe = {"prepare": {"value": 1}, "evaluate": {"data": "builtin:x"}}
+    steps = pipeline.plan(recipe, NO_REPORT, check_files=True)  # builtin: names are not files
+    assert [s.name for s in steps] == ["prepare", "evaluate"]
 
 
 def test_an_unknown_section_lists_the_stages_a_recipe_holds():
