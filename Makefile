@@ -47,6 +47,8 @@ bench: setup  ## benchmark scripts; each prints one JSON line
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/pii.py
 	$(BIN)/python bench/compress.py
+	$(BIN)/python bench/translate.py
+	$(BIN)/python bench/search.py
 
 lint: setup  ## ruff check and ruff format --check (`make test` runs it first)
 	$(BIN)/ruff check llmkernel tests bench

@@ -123,8 +123,12 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def describe_inputs(paths: list[Path]) -> list[dict[str, Any]]:
-    """Path, size and sha256 of each input file (what run.json records and the up-to-date check compares)."""
-    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in paths]
+    """Path, size and sha256 of each input file (what run.json records and the up-to-date check compares);
+    a folder (a BEIR retrieval set) stands for every file in it."""
+    files = [
+        f for p in paths for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])
+    ]
+    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
 
 
 def fingerprint(config: dict[str, Any], inputs: list[dict[str, Any]], run_only: tuple[str, ...] = ()) -> str:

@@ -1,5 +1,5 @@
-"""The one registry of stages, in pipeline order: prepare -> pretrain -> finetune -> evaluate -> prune ->
-distill -> quantize -> export -> serve (and `report`, which `llmk run` writes at the end).
+"""The one registry of stages, in pipeline order: prepare -> pretrain -> finetune -> index -> evaluate ->
+prune -> distill -> quantize -> export -> serve (and `report`, which `llmk run` writes at the end).
 
 `cli.py` builds one subcommand per entry and `pipeline.py` runs a recipe's sections in this order, feeding
 each stage the folder an earlier one wrote (`takes`, `accepts`, `gives`). Each
@@ -27,7 +27,8 @@ class Stage:
     # section names none, and the kinds of output it accepts (the latest of them); what its --out holds.
     takes: str = ""
     accepts: tuple[str, ...] = ()
-    gives: str = ""  # "data", "model" (fp32 HF folder), "quantized" (a quantized folder) or "" (a report)
+    # "data", "model" (fp32 HF folder), "quantized" (a quantized folder), "index" (llmk index) or "" (a report)
+    gives: str = ""
     recipe_run_path: str = ""  # "module:function" run in a recipe instead of run_path ('': run_path)
 
     def config_class(self) -> type:
@@ -41,6 +42,18 @@ class Stage:
         if not self.recipe_run_path:
             return self.run(config)
         return _load(self.recipe_run_path)(config, **options)
+
+
+def evaluate(config: Any) -> Any:
+    """`llmk evaluate`: a retrieval set (a BEIR folder as --data, or an index folder as the model) is ranked
+    by the retrieval package (dense, BM25, hybrid); any other file is a task's evaluation (eval). The choice
+    lives here, above both stage packages, so that neither imports the other."""
+    from llmkernel.io.beir import is_beir_folder
+    from llmkernel.retrieval.index import is_index_folder
+
+    if is_beir_folder(config.data) or is_index_folder(config.model):
+        return _load("llmkernel.retrieval.evaluate:evaluate_retrieval")(config)
+    return _load("llmkernel.eval.evaluate:evaluate")(config)
 
 
 def _load(path: str) -> Any:
@@ -75,12 +88,21 @@ STAGES: tuple[Stage, ...] = (
         gives="model",
     ),
     Stage(
+        "index",
+        "embed a corpus into a search index: vectors (exact or HNSW search), BM25, hybrid ranking",
+        "llmkernel.retrieval.config:IndexConfig",
+        "llmkernel.retrieval.build:build_index",
+        takes="encoder",
+        accepts=("model",),
+        gives="index",
+    ),
+    Stage(
         "evaluate",
         "metrics of a model on a data file (report, confusion matrix, entity F1, perplexity), clean and attacked",
         "llmkernel.eval.config:EvaluateConfig",
-        "llmkernel.eval.evaluate:evaluate",
+        "llmkernel.stages:evaluate",
         takes="model",
-        accepts=("model",),
+        accepts=("model", "index"),  # an index folder: retrieval metrics of its encoder and BM25
     ),
     Stage(
         "prune",

@@ -38,7 +38,7 @@ def _exit_code(argv: list[str], capsys) -> tuple[int, str]:
 
 def test_the_registry_is_in_pipeline_order_and_recipes_chain_all_but_the_report():
     compress = ["prune", "distill", "quantize", "export"]
-    lifecycle = ["prepare", "pretrain", "finetune", "evaluate", *compress, "serve"]
+    lifecycle = ["prepare", "pretrain", "finetune", "index", "evaluate", *compress, "serve"]
     assert [s.name for s in STAGES] == [*lifecycle, "deploy", "report"]
     assert RECIPE_STAGES == tuple(
         lifecycle
@@ -85,7 +85,7 @@ def test_did_you_mean():
 def test_an_unknown_flag_shows_the_stage_usage_and_the_closest_flag(capsys):
     code, err = _exit_code(["finetune", "classify", "--data.trian", "x.csv"], capsys)
     assert code == 2
-    assert err.startswith("usage: llmk finetune [-h] {classify,ner,sft} [--config YAML]")
+    assert err.startswith(f"usage: llmk finetune [-h] {{{','.join(FINETUNE_TASKS)}}} [--config YAML]")
     assert (
         "llmk finetune: error: unrecognized arguments: --data.trian x.csv; did you mean --data.train?" in err
     )
@@ -102,8 +102,9 @@ def test_a_misspelled_command_or_task_names_the_closest(capsys):
 
 def test_finetune_help_shows_the_task_as_a_required_positional_with_its_choices():
     text = _stage_parser("finetune").format_help()
-    assert text.startswith("usage: llmk finetune [-h] {classify,ner,sft} [--config YAML]")
-    assert "{classify,ner,sft}" in text.split("positional arguments:")[1] and "; required" in text
+    choices = "{" + ",".join(FINETUNE_TASKS) + "}"  # classify,ner,sft,...: every task of the registry
+    assert text.startswith(f"usage: llmk finetune [-h] {choices} [--config YAML]")
+    assert choices in text.split("positional arguments:")[1] and "; required" in text
     assert "[model]" in _stage_parser("evaluate").format_usage()  # an optional positional keeps brackets
 
 
@@ -112,7 +113,7 @@ def test_finetune_without_a_task_is_one_line_and_exit_2(capsys, tmp_path):
     assert code == 2
     assert (
         err
-        == "llmk finetune: error: task: required as the first argument: `llmk finetune classify|ner|sft ...`\n"
+        == f"llmk finetune: error: task: required as the first argument: `llmk finetune {'|'.join(FINETUNE_TASKS)} ...`\n"
     )
     assert not (tmp_path / "runs").exists()
 
@@ -129,7 +130,7 @@ def test_the_task_may_come_from_the_config_file(tmp_path):
 def test_the_task_has_no_default_in_the_schema():
     assert FinetuneConfig.__dataclass_fields__["task"].default is dataclasses.MISSING
     with pytest.raises(
-        ConfigError, match=r"finetune\.task: a value is required \(one of classify, ner, sft\)"
+        ConfigError, match=rf"finetune\.task: a value is required \(one of {', '.join(FINETUNE_TASKS)}\)"
     ):
         build(FinetuneConfig, {"model": "m", "data": {"train": "t.csv"}}, prefix="finetune.")
     for task in FINETUNE_TASKS:

@@ -260,7 +260,7 @@ def test_the_demo_recipe_writes_under_out(tmp_path):
     )
     assert recipe["finetune"]["data"]["train"] == str(tmp_path / "task" / "train.jsonl")
     assert demo.DEMO_RECIPE["prepare"]["out"] == "runs/demo/data"  # the embedded recipe is not changed
-    assert set(recipe) == set(RECIPE_STAGES) - {"distill"}  # the whole lifecycle
+    assert set(recipe) == set(RECIPE_STAGES) - {"distill", "index"}  # the whole lifecycle (no retrieval)
 
 
 def test_the_demo_task_is_which_part_of_the_library_reference_a_docstring_comes_from(tmp_path):

@@ -115,3 +115,25 @@ def make_tiny_bert(folder: Path, head: str) -> Path:
     model_class[head](config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+RELATION_LABELS = ["Lives-In(e1,e2)", "Lives-In(e2,e1)", "Other"]
+
+
+def make_tiny_relation(folder: Path) -> Path:
+    """A relation model folder (`llmk finetune relation`'s layout) on a random 2-layer BERT: the entity
+    markers added to the tokenizer, a random head over `RELATION_LABELS`."""
+    from transformers import AutoTokenizer
+
+    from llmkernel.models.loading import load_model
+    from llmkernel.tasks.relation import RelationClassify, add_markers
+
+    bert = make_tiny_bert(folder / "bert", "model")
+    tokenizer = AutoTokenizer.from_pretrained(bert)
+    add_markers(tokenizer)
+    task = RelationClassify(tokenizer, RELATION_LABELS, max_length=64, batch_size=4)
+    torch.manual_seed(0)
+    model = load_model(bert, task.model_kind, new_head=task.new_head())
+    model.save_pretrained(folder / "relation")
+    tokenizer.save_pretrained(folder / "relation")
+    return folder / "relation"

@@ -129,6 +129,11 @@ def check_pair(teacher: Path, student: Path) -> str:
         raise InputError(
             f"the teacher is a {kinds[0]} and the student a {kinds[1]}; distill between models of one kind"
         )
+    # compress.json's speed measurement feeds random ids, which hold no entity markers
+    if kinds[0] == "relation_classifier":
+        raise InputError(
+            f"{teacher}: a relation model; llmk distill (like prune and quantize) does not take relation models"
+        )
     vocabularies = (load_tokenizer_for(teacher).get_vocab(), load_tokenizer_for(student).get_vocab())
     if vocabularies[0] != vocabularies[1]:
         raise InputError(

@@ -42,7 +42,9 @@ def quantize(config: QuantizeConfig) -> dict[str, Any]:
         raise InputError(f"{job.source} is already quantized; quantize its floating-point source folder")
     decoder = job.kind == "decoder"
     if not decoder and job.kind not in ENCODER_KINDS:
-        raise InputError(f"{job.source}: a {job.kind} model; llmk quantize takes encoders and decoders")
+        raise InputError(
+            f"{job.source}: a {job.kind} model; llmk quantize takes {', '.join(ENCODER_KINDS)} and decoder models"
+        )
     if not decoder and config.mode == "int4":
         raise InputError(
             "mode: int4 is weight-only for decoders (memory-bound); encoders are compute-bound: use --mode int8"

@@ -17,9 +17,15 @@ class EvaluateConfig:
     """`llmk evaluate`: metrics of a model folder on a data file, clean and under attack."""
 
     model: str = option(
-        "", "model folder (from llmk finetune / pretrain, any HF folder) or a known name", positional=True
+        "",
+        "model folder (from llmk finetune / pretrain, any HF folder), a known name, or an index folder (llmk index)",
+        positional=True,
     )
-    data: str = option("", "evaluation file: table (classify), CoNLL (ner), text (lm) or jsonl chats (sft)")
+    data: str = option(
+        "",
+        "evaluation file: table (classify), CoNLL (ner), jsonl with marked entities (relation), text (lm), "
+        "jsonl chats (sft) or a BEIR folder (embed)",
+    )
     task: str = option(
         "auto", f"auto (from the model's architecture and the file), or one of {', '.join(EVALUATE_TASKS)}"
     )
@@ -27,6 +33,13 @@ class EvaluateConfig:
     text_column: str | None = option(None, "classify: column with the text (null: detected)")
     pair_column: str | None = option(None, "classify: column with the second text (null: detected)")
     label_column: str | None = option(None, "classify: column with the label (null: detected)")
+    source_column: str | None = option(None, "seq2seq, sft on pairs: column with the source (null: detected)")
+    target_column: str | None = option(
+        None, "seq2seq, sft on pairs: column with the reference (null: detected)"
+    )
+    num_beams: int = option(4, "seq2seq: beam size of the translations (1: greedy)")
+    prompt_template: str = option("{source}", "sft on pairs: the user turn, {source} replaced by the source")
+    split: str = option("test", "retrieval (a BEIR folder as --data): the qrels split to rank for")
     limit: int = option(0, "evaluate only the first N examples (0: all)")
     max_length: int = option(0, "longest input in tokens (0: the model's context, at most 512; lm: 1024)")
     batch_size: int = option(32, "examples per forward pass")
@@ -53,3 +66,4 @@ class EvaluateConfig:
         for name in ("limit", "max_length", "threads"):
             check(getattr(self, name) >= 0, name, "must be >= 0")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.num_beams >= 1, "num_beams", "must be >= 1")

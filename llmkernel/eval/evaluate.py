@@ -6,8 +6,12 @@ The task comes from the model folder's kind and the file (`llmkernel.tasks.task_
 * classify: per-class precision/recall/F1 and support, accuracy, macro/micro/weighted F1, the confusion
   matrix (printed, eval.json, confusion_matrix.png);
 * ner: entity-level precision/recall/F1 per type (seqeval's rules) and token accuracy;
+* relation: SemEval-2010 Task 8's official score (macro-F1 over the relation types, direction taken into
+  account, Other excluded), the per-relation table, accuracy and the confusion matrix;
 * lm: perplexity and bits per byte of a text file (bytes of the file's UTF-8 text, so any tokenizer compares);
 * sft: loss and perplexity on the assistant turns of a chat file, and sample replies.
+A retrieval set (a BEIR folder, or an index folder as MODEL) goes to `llmkernel.retrieval.evaluate`
+instead (`stages.evaluate` tells them apart): nDCG@10, recall@100 and MRR@10 of dense, BM25 and hybrid.
 
 `--attack typo|swap|delete` edits characters of a share of the words (the same seed, the same edits);
 `--attack hotflip` swaps a share of the tokens for those that raise the loss most to first order, from the
@@ -76,6 +80,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "text_column": config.text_column,
         "pair_column": config.pair_column,
         "label_column": config.label_column,
+        # task options beside the columns: seq2seq's source/target columns and beams, sft's prompt template
+        "source_column": config.source_column,
+        "target_column": config.target_column,
+        "num_beams": config.num_beams,
+        "prompt_template": config.prompt_template,
     }
     task = task_class.for_evaluation(
         config.data, model, tokenizer, max_length, config.batch_size, columns, config.limit

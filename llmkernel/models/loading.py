@@ -6,7 +6,9 @@ Every stage that starts from a model calls `resolve_model(spec)` and gets a plai
 * a `.gguf` file is de-quantised once into an HF folder (safetensors, tokenizer, generation config) kept in
   the cache (`$LLMK_CACHE`, default `~/.cache/llmkernel`), so the ~30 s conversion happens once;
 * a known name (`smollm2-135m-instruct`, `all-minilm-l6-v2`) points at the weights that the offline model
-  packages of shared/MODELS.md install, so nothing is ever downloaded.
+  packages of shared/MODELS.md install, so nothing is ever downloaded;
+* a preset name (`seq2seq-small`, `decoder-small`, ...: models/presets.py) with a tokenizer folder is a
+  model to train from scratch: built once, freshly initialised with the seed, into a cached HF folder.
 """
 
 from __future__ import annotations
@@ -106,9 +108,54 @@ def cached_gguf_folder(gguf_file: str | Path) -> Path:
     return out
 
 
-def resolve_model(spec: str | Path) -> Path:
-    """An HF model folder for a folder path, a .gguf file or a known offline model name."""
+PRESET_CONTEXT = 512  # positions of models built from presets (sentences and short conversations)
+
+
+def preset_folder(name: str, tokenizer_dir: str | Path, seed: int = 0) -> Path:
+    """The HF folder of preset `name` built on the tokenizer in `tokenizer_dir`, initialised with `seed`
+    (cached: the same preset, tokenizer and seed give the same folder)."""
+    import torch
+
+    from llmkernel.io.tokenizers import load_tokenizer
+    from llmkernel.models.presets import build_preset
+
+    tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
+    tokenizer = load_tokenizer(tokenizer_dir)
+    digest = hashlib.sha256(tokenizer_file.read_bytes() if tokenizer_file.is_file() else b"")
+    digest.update(f"{name}:{seed}:{PRESET_CONTEXT}".encode())
+    out = cache_dir() / "presets" / f"{name}-{digest.hexdigest()[:16]}"
+    if (out / "config.json").is_file():
+        return out
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise InputError(f"{tokenizer_dir}: the tokenizer has no eos (or [SEP]) token to end sentences with")
+    special = {"bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos, "eos": eos}
+    special["pad"] = tokenizer.pad_token_id
+    quiet_transformers()
+    with LOAD_LOCK:
+        torch.manual_seed(seed)
+        model = build_preset(name, len(tokenizer), PRESET_CONTEXT, special)
+    with staging_folder(out) as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        tokenizer.save_pretrained(stage)
+    return out
+
+
+def resolve_model(spec: str | Path, tokenizer: str | Path | None = None, seed: int = 0) -> Path:
+    """An HF model folder for a folder path, a .gguf file, a known offline model name, or a preset name
+    with `tokenizer` (a tokenizer folder, e.g. `llmk prepare`'s DATA/tokenizer) to build it on."""
+    from llmkernel.models.presets import PRESET_MODELS
+
     name = str(spec)
+    if name in PRESET_MODELS:
+        if not tokenizer:
+            raise InputError(
+                f"model '{name}' is a preset trained from scratch: pass --tokenizer DIR "
+                "(the tokenizer/ folder `llmk prepare` wrote)"
+            )
+        return preset_folder(name, tokenizer, seed)
     if name == "smollm2-135m-instruct":
         return cached_gguf_folder(smollm2_gguf())
     if name == "all-minilm-l6-v2":
@@ -127,7 +174,8 @@ def resolve_model(spec: str | Path) -> Path:
             f"{path} is not a model folder (no config.json); pass an HF model folder or a .gguf file"
         )
     raise InputError(
-        f"model '{name}' not found: pass an HF model folder, a .gguf file or one of {', '.join(KNOWN_MODELS)}"
+        f"model '{name}' not found: pass an HF model folder, a .gguf file, one of {', '.join(KNOWN_MODELS)}, "
+        f"or a preset ({', '.join(PRESET_MODELS)}) with --tokenizer"
     )
 
 
@@ -141,13 +189,37 @@ AUTO_CLASSES = {
     "masked_lm": "AutoModelForMaskedLM",
     "classifier": "AutoModelForSequenceClassification",
     "token_classifier": "AutoModelForTokenClassification",
+    # ours, not transformers' (a module:class path): a stock encoder and a head over two entity markers
+    "relation_classifier": "llmkernel.models.relation:EncoderForRelationClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",  # encoder-decoders (Marian, BART, T5): translation
 }
 ARCHITECTURE_SUFFIXES = (
     ("ForCausalLM", "decoder"),
     ("ForSequenceClassification", "classifier"),
     ("ForTokenClassification", "token_classifier"),
     ("ForMaskedLM", "masked_lm"),
+    ("ForRelationClassification", "relation_classifier"),  # EncoderForRelationClassification
+    ("ForConditionalGeneration", "seq2seq"),  # BartForConditionalGeneration, T5ForConditionalGeneration
+    ("MTModel", "seq2seq"),  # MarianMTModel
 )
+
+
+def auto_class(kind: str):
+    """The class that loads a model of `kind`: a transformers auto class, or one of ours (`module:Class`,
+    whose import registers its config with transformers' AutoConfig)."""
+    import importlib
+
+    import transformers
+
+    module, _, name = AUTO_CLASSES[kind].rpartition(":")
+    return getattr(importlib.import_module(module) if module else transformers, name)
+
+
+def register_model_classes() -> None:
+    """Import our own model classes, so that AutoConfig and AutoModel know their model types."""
+    for kind, path in AUTO_CLASSES.items():
+        if ":" in path:
+            auto_class(kind)
 
 
 def read_model_config(folder: str | Path) -> dict:
@@ -163,7 +235,7 @@ def read_model_config(folder: str | Path) -> dict:
 
 
 def architecture_kind(architecture: str) -> str:
-    """decoder, classifier, token_classifier, masked_lm, or encoder (a bare `*Model` or anything else)."""
+    """decoder, classifier, token_classifier, masked_lm, seq2seq, or encoder (a bare `*Model` or anything else)."""
     for suffix, kind in ARCHITECTURE_SUFFIXES:
         if architecture.endswith(suffix):
             return kind
@@ -180,6 +252,7 @@ def load_config(folder: str | Path):
     """The transformers config of a model folder; InputError when transformers cannot read it."""
     from transformers import AutoConfig
 
+    register_model_classes()
     try:
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as error:
@@ -192,6 +265,7 @@ def load_tokenizer_for(folder: str | Path):
     """The tokenizer of a model folder, with a pad token (decoders often have none; padding is masked)."""
     from transformers import AutoTokenizer
 
+    register_model_classes()  # AutoTokenizer reads the folder's config.json too
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -225,7 +299,7 @@ def load_model(folder: str | Path, kind: str, *, dtype=None, new_head: dict | No
     import torch
     import transformers
 
-    auto = getattr(transformers, AUTO_CLASSES[kind])
+    auto = auto_class(kind)
     kwargs = {"dtype": dtype or torch.float32, **(new_head or {})}
     if new_head:
         kwargs["ignore_mismatched_sizes"] = True  # a folder with a head for other labels gets a new one

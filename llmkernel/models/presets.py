@@ -4,6 +4,7 @@ Every model we build is a stock `LlamaForCausalLM` or `BertForMaskedLM`, so the 
 `AutoModelForCausalLM` / `AutoModelForMaskedLM` and any HF tool (peft, vLLM, llama.cpp converters) reads them.
 Decoders: RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention (Touvron et al. 2023).
 Encoders: post-LayerNorm BERT with learned positions and GELU (Devlin et al. 2019).
+Encoder-decoders (translation, `seq2seq`): a stock `MarianMTModel` (AutoModelForSeq2SeqLM).
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from llmkernel.config import check, option
 DECODER_SIZES = {"tiny": (2, 64, 4, 2), "small": (4, 256, 4, 2), "base": (12, 768, 12, 4)}
 ENCODER_SIZES = {"tiny": (2, 64, 4, 4), "small": (4, 256, 4, 4), "base": (12, 768, 12, 12)}
 KINDS = ("auto", "decoder", "encoder")
+# Encoder-decoder (Marian-style: the Transformer of Vaswani et al. 2017 with sinusoidal positions and
+# shared source/target embeddings, as the OPUS-MT translation models): name -> (layers per stack, width,
+# heads, feed-forward size).
+SEQ2SEQ_SIZES = {"tiny": (2, 64, 4, 256), "small": (3, 256, 4, 1024), "base": (6, 512, 8, 2048)}
+# Models built from scratch by name with a tokenizer (`llmk finetune seq2seq --model seq2seq-small
+# --tokenizer DIR`): name -> (kind, size).
+PRESET_MODELS = {f"seq2seq-{size}": ("seq2seq", size) for size in SEQ2SEQ_SIZES} | {
+    f"decoder-{size}": ("decoder", size) for size in DECODER_SIZES
+}
 
 
 @dataclass
@@ -100,6 +110,52 @@ def build_model(
         pad_token_id=special_ids.get("pad", 0),
     )
     return BertForMaskedLM(hf_config)
+
+
+def build_seq2seq(
+    size: str, vocab_size: int, context_length: int, special_ids: dict[str, int], dropout: float = 0.1
+):
+    """A freshly initialised `MarianMTModel` of preset `size` (SEQ2SEQ_SIZES), one vocabulary for both sides.
+
+    Generation starts the decoder with the bos token (our BPE's <|endoftext|>, which is also eos) and
+    stops at eos; padding is its own token so that it never counts as a prediction.
+    """
+    from transformers import MarianConfig, MarianMTModel
+
+    layers, width, heads, ffn = SEQ2SEQ_SIZES[size]
+    eos = special_ids["eos"]
+    hf_config = MarianConfig(
+        vocab_size=vocab_size,
+        decoder_vocab_size=vocab_size,
+        d_model=width,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
+        max_position_embeddings=context_length,
+        dropout=dropout,
+        attention_dropout=0.0,
+        activation_function="swish",  # as OPUS-MT's Marian models
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+        pad_token_id=special_ids["pad"],
+        eos_token_id=eos,
+        bos_token_id=special_ids.get("bos", eos),
+        decoder_start_token_id=special_ids.get("bos", eos),
+        forced_eos_token_id=eos,
+    )
+    return MarianMTModel(hf_config)
+
+
+def build_preset(name: str, vocab_size: int, context_length: int, special_ids: dict[str, int]):
+    """A fresh model of the preset called `name` (a key of PRESET_MODELS)."""
+    kind, size = PRESET_MODELS[name]
+    if kind == "seq2seq":
+        return build_seq2seq(size, vocab_size, context_length, special_ids)
+    return build_model(ModelConfig(size=size), kind, vocab_size, context_length, special_ids)
 
 
 def count_parameters(model) -> dict[str, int]:

@@ -82,14 +82,23 @@ def default_engine_factory(model_dir: Path, config: ServeConfig) -> Any:
 def _load_model(services: Services, engine_factory: EngineFactory) -> None:
     """Load the weights (blocking; runs on a worker thread); encoders also run one warm-up pass."""
     config = services.config
+    if services.index is not None and services.kind == "decoder":  # RAG: the index's encoder embeds queries
+        services.query_encoder = EncoderModel(services.index.encoder, "encoder", device=config.device)
     if services.kind == "decoder":
         services.engine = engine_factory(services.model_dir, config)
+        services.engine.start()
+    elif services.kind == "seq2seq":  # translation: beam search behind /v1/completions (serve/seq2seq.py)
+        from llmkernel.serve.seq2seq import Seq2SeqEngine
+
+        services.engine = Seq2SeqEngine(
+            services.model_dir, config.num_beams, config.request_timeout_s, config.device
+        )
         services.engine.start()
     else:
         services.encoder = EncoderModel(
             services.model_dir, services.kind, device=config.device, max_batch_size=config.max_batch_size
         )
-        getattr(services.encoder, services.task)(["warm up"])
+        services.encoder.warm_up(services.task)
 
 
 async def _warm_up_engine(engine: Any) -> None:
@@ -197,6 +206,10 @@ def create_app(
         lifecycle=lifecycle,
         created=int(time.time()),
     )
+    if config.index:  # a bad or mismatched index fails here, before the server starts
+        from llmkernel.serve.search import load_index
+
+        services.index = load_index(config.index, model_dir, services.kind)
     app = FastAPI(
         title="LLM Kernel server",
         version=__version__,
@@ -324,7 +337,7 @@ def _declare_limits(schemas: dict[str, Any], config: ServeConfig) -> None:
     ]:
         bound(model, field, "integer", maximum=config.max_tokens)
     bound("CompletionRequest", "prompt", "array", maxItems=config.max_inputs)
-    for model in ("EmbeddingRequest", "ClassifyRequest", "NerRequest"):
+    for model in ("EmbeddingRequest", "ClassifyRequest", "NerRequest", "RelationRequest"):
         bound(model, "input", "array", maxItems=config.max_inputs)
 
 

@@ -109,6 +109,14 @@ class ServeConfig:
     request_timeout_s: float = option(
         600.0, "generation requests running longer end with finish_reason timeout"
     )
+    num_beams: int = option(4, "encoder-decoder (seq2seq) models: beam size of /v1/completions (1: greedy)")
+    # retrieval (serve/search.py)
+    index: str | None = option(
+        None,
+        "index folder from `llmk index`: adds /v1/search to an encoder server (the index's encoder), and "
+        "grounds a decoder's chat answers in its passages (their ids in `sources`)",
+    )
+    rag_passages: int = option(3, "decoders with --index: passages retrieved into each chat prompt")
     # lifecycle and monitoring
     drain_timeout_s: float = option(30.0, "on SIGTERM, how long in-flight requests may take to finish")
     alerts: str | None = option(
@@ -159,6 +167,8 @@ class ServeConfig:
         check(not unknown, "pii_types", f"unknown type {unknown[:1]}; known: {', '.join(PII_TYPES)}")
         check(self.log_prompt_chars >= 0, "log_prompt_chars", "must be >= 0")
         check(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        check(1 <= self.rag_passages <= 20, "rag_passages", "must be between 1 and 20")
+        check(self.num_beams >= 1, "num_beams", "must be >= 1")
         check(0 <= self.batch_window_ms <= 1000, "batch_window_ms", "must be between 0 and 1000")
         check(self.max_num_batched_tokens >= 16, "max_num_batched_tokens", "must be >= 16")
         check(self.max_model_len is None or self.max_model_len >= 16, "max_model_len", "must be >= 16")

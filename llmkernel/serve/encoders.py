@@ -1,8 +1,9 @@
-"""Encoder models behind /v1/embeddings, /v1/classify and /v1/ner, and the micro-batcher that feeds them.
+"""Encoder models behind /v1/embeddings, /v1/classify, /v1/ner and /v1/relations, and the micro-batcher
+that feeds them.
 
-A folder is loaded as its own kind (`model_kind`: encoder, masked_lm, classifier or token_classifier)
-through the one loader, `llmkernel.models.loading.load_model`; which routes each kind serves is in
-state.py.
+A folder is loaded as its own kind (`model_kind`: encoder, masked_lm, classifier, token_classifier or
+relation_classifier) through the one loader, `llmkernel.models.loading.load_model`; which routes each kind
+serves is in state.py.
 
 Embeddings are the mean of the last hidden states over the real (unpadded) tokens, L2-normalised, as
 sentence-transformers does for all-MiniLM-L6-v2; models with a head embed with their encoder (`base_model`).
@@ -29,8 +30,9 @@ import torch
 
 from llmkernel.models.loading import load_model, load_tokenizer_for
 
-ENCODER_KINDS = ("encoder", "masked_lm", "classifier", "token_classifier")
-LABELLED_KINDS = ("classifier", "token_classifier")  # kinds whose head has labels (config.id2label)
+ENCODER_KINDS = ("encoder", "masked_lm", "classifier", "token_classifier", "relation_classifier")
+LABELLED_KINDS = ("classifier", "token_classifier", "relation_classifier")  # heads with config.id2label
+WARM_UP_INPUTS = {"relation": "<e1>warm</e1> <e2>up</e2>"}  # a relation model needs both entities marked
 UNHEALTHY_AFTER_FAILURES = 3  # consecutive failed passes after which /ready says unhealthy
 
 
@@ -53,6 +55,10 @@ class EncoderModel:
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if kind in LABELLED_KINDS else []
         limits = [getattr(config, "max_position_embeddings", 512), self.tokenizer.model_max_length]
         self.max_length = min(int(limit) for limit in limits if limit)
+
+    def warm_up(self, task: str) -> None:
+        """One pass of the serving mode's function (`task`: embed, classify, ner or relation)."""
+        getattr(self, task)([WARM_UP_INPUTS.get(task, "warm up")])
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text, special tokens included (what the usage and the length limit count)."""
@@ -97,6 +103,28 @@ class EncoderModel:
             encoded = self._encode([texts[i] for i in batch]).to(self.device)
             probabilities = self.model(**encoded).logits.float().softmax(-1).cpu().tolist()
             for i, row in zip(batch, probabilities):
+                results[i] = sorted(zip(self.labels, row), key=lambda pair: -pair[1])
+        return results
+
+    @torch.inference_mode()
+    def relation(self, texts: list[str]) -> list[list[tuple[str, float]]]:
+        """(label, probability) pairs per marked text (<e1>..</e1>, <e2>..</e2>), best first; a text too
+        long for the model is cut around its entities, as in training (`tasks.relation.encode_marked`)."""
+        from llmkernel.tasks.base import pad
+        from llmkernel.tasks.relation import encode_marked, marker_ids
+
+        markers = marker_ids(self.tokenizer)
+        results: list[list[tuple[str, float]]] = [[] for _ in texts]
+        for batch in self._batches(texts):
+            examples = encode_marked(self.tokenizer, [texts[i] for i in batch], self.max_length, markers)
+            ids = [e["input_ids"] for e in examples]
+            inputs = {
+                "input_ids": pad(ids, self.tokenizer.pad_token_id or 0),
+                "attention_mask": pad([[1] * len(row) for row in ids], 0),
+                "entity_positions": torch.tensor([e["entity_positions"] for e in examples]),
+            }
+            logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits
+            for i, row in zip(batch, logits.float().softmax(-1).cpu().tolist()):
                 results[i] = sorted(zip(self.labels, row), key=lambda pair: -pair[1])
         return results
 

@@ -30,6 +30,7 @@ SAMPLE_REQUESTS: dict[str, dict[str, Any]] = {
     "/v1/embeddings": {"input": ["Return a shallow copy of the list.", "Return a copy of the dictionary."]},
     "/v1/classify": {"input": ["Return a new list of the words in the string, using sep as the delimiter."]},
     "/v1/ner": {"input": ["Guido van Rossum released Python in Amsterdam in 1991."]},
+    "/v1/search": {"query": "What does the for statement do?", "k": 3},
 }
 READY_TIMEOUT_S = 300.0  # loading a model folder (and warming it up) on 2 busy cores
 
@@ -147,5 +148,7 @@ def _summary(route: str, payload: dict[str, Any]) -> str:
     if route == "/v1/classify":
         result = payload["data"][0]
         return f"label {result['label']!r} (score {result['score']:.3f})"
+    if route == "/v1/search":
+        return ", ".join(f"{p['id']} ({p['score']:.3f})" for p in payload["data"]) or "no passages"
     entities = payload["data"][0].get("entities", [])
     return ", ".join(f"{e['text']!r}: {e['type']}" for e in entities) or "no entities"

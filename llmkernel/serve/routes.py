@@ -1,4 +1,5 @@
-"""The /v1 model routes: completions and chat (with server-sent events), embeddings, classify and ner.
+"""The /v1 model routes: completions and chat (with server-sent events, grounded in an index's passages
+with --index), embeddings, classify, ner, relations and search (with --index: serve/search.py).
 
 Each route: checks the model serves it (400 otherwise), applies the limits (prompt length and max_tokens:
 400 naming the flag; tokens per minute: 429), masks PII in the inputs if asked, runs the model (the
@@ -43,8 +44,16 @@ from llmkernel.serve.schemas import (
     NerRequest,
     NerResponse,
     NerResult,
+    Passage,
+    Relation,
+    RelationInput,
+    RelationRequest,
+    RelationResponse,
+    SearchRequest,
+    SearchResponse,
     Usage,
 )
+from llmkernel.serve.search import ground, search
 from llmkernel.serve.state import Services
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -103,19 +112,27 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, key_na
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, f"'{services.model_name}' has no chat template; use /v1/completions")
 
-    def tokenize() -> tuple[list[dict[str, str]], list[int]]:
-        messages = [{"role": m.role, "content": _masked_input(services, m.text())} for m in body.messages]
+    size = sum(len(m.text()) for m in body.messages)
+
+    def mask() -> list[dict[str, str]]:
+        return [{"role": m.role, "content": _masked_input(services, m.text())} for m in body.messages]
+
+    def tokenize(messages: list[dict[str, str]]) -> list[int]:
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as error:  # a template may reject a role order, e.g. two user turns
             raise ApiError(
                 400, f"the chat template rejected these messages: {error}", param="messages"
             ) from None
-        return messages, tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    messages, prompt_ids = await _off_loop(sum(len(m.text()) for m in body.messages), tokenize)
+    messages = await _off_loop(size, mask)
+    preview, sources = messages[-1]["content"], None
+    if services.index is not None:  # RAG: the passages the last user message retrieves, put in the prompt
+        messages, sources = await ground(services, messages)
+    prompt_ids = await _off_loop(size, lambda: tokenize(messages))
     return await _generate(
-        request, services, key_name, body, [prompt_ids], messages[-1]["content"], chat=True
+        request, services, key_name, body, [prompt_ids], preview, chat=True, sources=sources
     )
 
 
@@ -233,6 +250,7 @@ async def _generate(
     prompt_ids: list[list[int]],
     preview: str,
     chat: bool,
+    sources: list[dict] | None = None,
 ) -> Any:
     from llmkernel.serve.engine import SamplingParams
 
@@ -264,7 +282,9 @@ async def _generate(
     }
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(request, services, key_name, handles[0], reserved, meta, chat, include_usage)
+        events = _stream(
+            request, services, key_name, handles[0], reserved, meta, chat, include_usage, sources
+        )
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
@@ -282,7 +302,7 @@ async def _generate(
         choices = [
             ChatChoice(index=0, message=AssistantMessage(content=results[0][0]), finish_reason=results[0][1])
         ]
-        return ChatCompletionResponse(**meta, choices=choices, usage=usage)
+        return ChatCompletionResponse(**meta, choices=choices, usage=usage, sources=sources)
     choices = [
         CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason) in enumerate(results)
     ]
@@ -343,9 +363,11 @@ async def _stream(
     meta: dict[str, Any],
     chat: bool,
     include_usage: bool,
+    sources: list[dict] | None = None,
 ) -> AsyncIterator[str]:
     """OpenAI's chunk format: one `data: {json}` event per piece of text, a last chunk with the
-    finish_reason, an optional usage chunk, then `data: [DONE]`. Output masking holds back a short tail."""
+    finish_reason, an optional usage chunk, then `data: [DONE]`. Output masking holds back a short tail.
+    With --index, the first chunk also holds the retrieved passages' `sources`."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     masker = services.masker.stream() if services.config.masks_outputs else None
 
@@ -355,7 +377,8 @@ async def _stream(
             choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-        return _sse({**meta, "object": kind, "choices": [choice]})
+        extra = {"sources": sources} if role and sources is not None else {}
+        return _sse({**meta, "object": kind, "choices": [choice], **extra})
 
     reason = None
     timeout = _http_deadline(services)
@@ -475,3 +498,59 @@ async def ner(body: NerRequest, request: Request, key_name: KeyName) -> NerRespo
     ]
     usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
     return NerResponse(data=data, model=services.model_name, usage=usage)
+
+
+def _marked_text(item: RelationInput, index: int, count: int) -> str:
+    """The input's text with both entities marked inline; ApiError(400) naming what is wrong."""
+    from llmkernel.tasks.relation import check_marked, mark_spans
+
+    where = f"input[{index}]" if count > 1 else "input"
+    try:
+        if item.e1 is not None or item.e2 is not None:
+            if item.e1 is None or item.e2 is None:
+                raise ValueError(f"only {'e1' if item.e2 is None else 'e2'} is given; send both spans")
+            return mark_spans(item.text, item.e1, item.e2)
+        check_marked(item.text)
+    except ValueError as error:
+        raise ApiError(400, f"{where}: {error}", param="input") from None
+    return item.text
+
+
+@router.post("/relations", response_model=RelationResponse, responses=MODEL_ERRORS)
+async def relations(body: RelationRequest, request: Request, key_name: KeyName) -> RelationResponse:
+    """The relation between two marked entities of each input: directed label, type, direction and score."""
+    from llmkernel.tasks.metrics import relation_type
+
+    services = _services(request)
+    _check_request(services, "/v1/relations", body)
+    items = [body.input] if isinstance(body.input, RelationInput) else body.input
+    _check_inputs(services, items)
+    texts = [_marked_text(item, i, len(items)) for i, item in enumerate(items)]
+    results, tokens = await _encode(request, services, key_name, "relation", texts)
+    data = []
+    for i, pairs in enumerate(results):
+        scores = [LabelScore(label=label, score=score) for label, score in pairs[: body.top_k]]
+        label = scores[0].label
+        direction = label[-6:-1] if label.endswith(("(e1,e2)", "(e2,e1)")) else None
+        data.append(
+            Relation(index=i, label=label, relation=relation_type(label), direction=direction,
+                     score=scores[0].score, scores=scores)
+        )  # fmt: skip
+    usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    return RelationResponse(data=data, model=services.model_name, usage=usage)
+
+
+@router.post("/search", response_model=SearchResponse, responses=MODEL_ERRORS)
+async def search_passages(body: SearchRequest, request: Request, key_name: KeyName) -> SearchResponse:
+    """The top-k passages of the index for a query: dense, bm25 or hybrid (reciprocal-rank fusion)."""
+    services = _services(request)
+    _check_request(services, "/v1/search", body)
+    if not body.query.strip():
+        raise ApiError(400, "query is blank; send the text to search for", param="query")
+    # The query is embedded like /v1/embeddings (micro-batched, its tokens counted against the limits).
+    vectors, tokens = await _encode(request, services, key_name, "embed", body.query)
+    passages = await search(services, body.query, vectors[0], body.k, body.mode)
+    usage = EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    return SearchResponse(
+        data=[Passage(**p) for p in passages], model=services.model_name, mode=body.mode, usage=usage
+    )

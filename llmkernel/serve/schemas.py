@@ -253,6 +253,12 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
+class Source(BaseModel):
+    rank: int
+    id: str = Field(description="the passage's document id in the index")
+    score: float = Field(description="its fused (RRF) score")
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -260,6 +266,9 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    sources: list[Source] | None = Field(
+        None, description="with --index: the passages retrieved into the prompt, best first"
+    )
 
 
 # -------------------------------------------------------------------------------------------- encoders
@@ -345,6 +354,72 @@ class NerResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+Span = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+
+
+class RelationInput(RequestModel):
+    text: str = Field(
+        description="the sentence: with the entities marked inline (<e1>..</e1>, <e2>..</e2>), or plain "
+        "with the spans e1 and e2"
+    )
+    e1: Span | None = Field(None, description="[start, end) character offsets of the first entity in text")
+    e2: Span | None = Field(None, description="[start, end) character offsets of the second entity")
+
+
+class RelationRequest(RequestModel):
+    model: str | None = None
+    input: RelationInput | Annotated[list[RelationInput], Field(min_length=1)] = Field(
+        description="a sentence with two entities, or a list of them (up to the server's --max_inputs)"
+    )
+    top_k: int | None = Field(None, ge=1, description="labels per input, best first; default: all")
+
+
+class Relation(BaseModel):
+    index: int
+    label: str = Field(description="the best directed label, e.g. Cause-Effect(e2,e1), or Other")
+    relation: str = Field(description="its relation type, without the direction")
+    direction: Literal["e1,e2", "e2,e1"] | None = Field(
+        description="e1,e2: e1 is the relation's first argument (Cause-Effect(e1,e2): e1 is the cause); "
+        "null for a label without a direction (Other)"
+    )
+    score: float = Field(description="the label's probability (softmax)")
+    scores: list[LabelScore] = Field(description="labels with probabilities, best first")
+
+
+class RelationResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Relation]
+    model: str
+    usage: EmbeddingUsage
+
+
+MAX_SEARCH_K = 100  # passages one /v1/search may ask for
+
+
+class SearchRequest(RequestModel):
+    model: str | None = None
+    query: str = Field(min_length=1, max_length=10_000, description="the text to search for")
+    k: int = Field(10, ge=1, le=MAX_SEARCH_K, description="passages to return, best first")
+    mode: Literal["hybrid", "dense", "bm25"] = Field(
+        "hybrid", description="dense (embeddings), bm25 (words) or hybrid (reciprocal-rank fusion of both)"
+    )
+
+
+class Passage(BaseModel):
+    rank: int
+    id: str = Field(description="the document id in the index (corpus.jsonl's _id)")
+    score: float = Field(description="cosine similarity (dense), BM25 score (bm25) or RRF score (hybrid)")
+    text: str
+
+
+class SearchResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Passage]
+    model: str
+    mode: str
+    usage: EmbeddingUsage
+
+
 # ------------------------------------------------------------------------------------- models, health
 
 
@@ -353,7 +428,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llmk"
-    task: Literal["generate", "embed", "classify", "ner"]
+    task: Literal["generate", "embed", "classify", "ner", "relation", "translate"]
     routes: list[str] = Field(description="the /v1 routes this model answers")
     max_model_len: int | None = None
 

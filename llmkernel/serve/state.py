@@ -27,20 +27,26 @@ SERVING_MODES = {
     "masked_lm": "embed",  # *ForMaskedLM: embeddings from its encoder
     "classifier": "classify",  # *ForSequenceClassification: labels, and embeddings from its encoder
     "token_classifier": "ner",  # *ForTokenClassification: entity spans
+    "relation_classifier": "relation",  # *ForRelationClassification: the relation between two marked entities
+    "seq2seq": "translate",  # encoder-decoders (MarianMTModel, ...): source in, translation out (seq2seq.py)
 }
 ROUTES = {
     "generate": ["/v1/completions", "/v1/chat/completions"],
     "embed": ["/v1/embeddings"],
     "classify": ["/v1/classify", "/v1/embeddings"],
     "ner": ["/v1/ner"],
+    "relation": ["/v1/relations", "/v1/embeddings"],
+    "translate": ["/v1/completions"],
 }
 # What a route needs, for the 400 a model that does not serve it answers.
 NEEDS = {
-    "/v1/completions": "a decoder (*ForCausalLM)",
+    "/v1/completions": "a decoder (*ForCausalLM) or an encoder-decoder (seq2seq)",
     "/v1/chat/completions": "a decoder (*ForCausalLM)",
     "/v1/embeddings": "an encoder (BertModel, sentence-transformers, *ForSequenceClassification)",
     "/v1/classify": "a sequence classification (*ForSequenceClassification)",
     "/v1/ner": "a token classification (*ForTokenClassification)",
+    "/v1/relations": "a relation classification (*ForRelationClassification, from llmk finetune relation)",
+    "/v1/search": "an index (`llmk serve ENCODER --index DIR`, built by `llmk index`) and an encoder",
 }
 
 
@@ -58,9 +64,11 @@ class Services:
     metrics: Metrics
     lifecycle: Lifecycle
     created: int
-    engine: Any = None  # GenerationEngine for decoders
+    engine: Any = None  # GenerationEngine for decoders, Seq2SeqEngine for encoder-decoders
     encoder: EncoderModel | None = None
     batcher: MicroBatcher | None = None
+    index: Any = None  # llmkernel.retrieval.index.Index with --index (serve/search.py)
+    query_encoder: EncoderModel | None = None  # decoders with --index: embeds the queries of RAG
     load_error: str | None = None
     on_fatal: Callable[[], None] | None = None  # set by server.py: stop the server if loading fails
 
@@ -71,7 +79,8 @@ class Services:
 
     @property
     def routes(self) -> list[str]:
-        return ROUTES[self.task]
+        searches = self.index is not None and self.task in ("embed", "classify")
+        return ROUTES[self.task] + (["/v1/search"] if searches else [])
 
     @property
     def tokenizer(self) -> Any:

@@ -15,12 +15,16 @@ TASKS = {
     "classify": "llmkernel.tasks.classify:Classify",  # text (pair) classification
     "ner": "llmkernel.tasks.ner:TokenClassify",  # named entities, one tag per word
     "sft": "llmkernel.tasks.sft:ChatSFT",  # chat tuning, loss on the assistant's tokens
+    "relation": "llmkernel.tasks.relation:RelationClassify",  # relations between two marked entities
+    "embed": "llmkernel.tasks.embed:ContrastiveEmbed",  # retrieval embeddings, in-batch negatives
+    "seq2seq": "llmkernel.tasks.seq2seq:Seq2Seq",  # translation: encoder-decoder, BLEU/chrF
     "lm": "llmkernel.tasks.clm:TextFileLM",  # a decoder's perplexity on a text file (evaluate only)
     "clm": "llmkernel.tasks.clm:CausalLM",  # next-token pretraining on token shards
     "mlm": "llmkernel.tasks.mlm:MaskedLM",  # masked-token pretraining on token shards
 }
-FINETUNE_TASKS = ("classify", "ner", "sft")  # `llmk finetune TASK`
-EVALUATE_TASKS = ("classify", "ner", "sft", "lm")  # `llmk evaluate --task`, in the order auto tries them
+FINETUNE_TASKS = ("classify", "ner", "sft", "relation", "embed", "seq2seq")  # `llmk finetune TASK`
+# `llmk evaluate --task`, in the order auto tries them
+EVALUATE_TASKS = ("classify", "ner", "sft", "relation", "lm", "embed", "seq2seq")
 PRETRAIN_OBJECTIVES = {
     "clm": "decoder",
     "mlm": "encoder",

@@ -121,6 +121,8 @@ class SupervisedTask(Task):
     attackable = True  # text and HotFlip attacks apply (labels are compared per example or word)
     uses_class_weights = True  # labels may be weighted by inverse frequency (--data.class_weights)
     example_unit = "examples"
+    target_steps = 0  # optimizer steps the default epochs aim at (0: llmk finetune's rule, ~800)
+    lr_scale = 1.0  # the default learning rate (llmk finetune's, by method and width) times this
 
     def __init__(self, tokenizer, max_length: int, batch_size: int, seed: int) -> None:
         self.tokenizer = tokenizer

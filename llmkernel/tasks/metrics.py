@@ -12,10 +12,15 @@ start and end. `B-X` and `S-X` always start a chunk, `I-X` or `E-X` continue a c
 new one after `O`, after `E-`/`S-` or after a different type, and `E-X`/`S-X` close their chunk. `O` and any
 tag without a `B-`/`I-`/`E-`/`S-` prefix are outside every chunk. (seqeval would read a bare `PER` as tag
 `P`, type `ER`; treating it as outside is the one deliberate difference.)
+
+Relations follow SemEval-2010 Task 8's official scorer (semeval2010_task8_scorer-v1.2.pl): the official
+score is its "(9+1)-way evaluation with directionality taken into account", the macro-averaged F1 over the
+relation types with `Other` left out (`relation_report`).
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -243,4 +248,166 @@ def entity_report(
         "token_accuracy": correct_tokens / total_tokens if total_tokens else 0.0,
         "num_sentences": len(true_sequences),
         "per_type": per_type,
+    }
+
+
+# Ranking metrics of retrieval (the embed task, llmk evaluate on a BEIR folder), with trec_eval's
+# definitions (what BEIR and MTEB report through pytrec_eval): nDCG@10 with linear gains, recall@100 and
+# MRR@10, averaged over the judged queries. Names use "_at_" for "@" (flag and file safe). ranx computes the
+# same (tests/retrieval checks it on SciFact) but pays ~35 s of numba compiling in every process.
+RANKING_METRICS = {"ndcg_at_10": "ndcg@10", "recall_at_100": "recall@100", "mrr_at_10": "mrr@10"}
+
+
+def ranking_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """nDCG@10, recall@100 and MRR@10 of `run` (query id -> {document id: score}) against `qrels`
+    (query id -> {document id: relevance > 0}), averaged over the queries of `qrels`; a query the run
+    does not rank scores 0. Ties in score are broken by document id, as trec_eval does."""
+    totals = {name: 0.0 for name in RANKING_METRICS}
+    for query, relevant in qrels.items():
+        ranked = sorted((run.get(query) or {}).items(), key=lambda item: (-item[1], item[0]))
+        gains = [relevant.get(document, 0) for document, _ in ranked]
+        discounts = 1.0 / np.log2(np.arange(2, 12))  # ranks 1..10
+        ideal = sorted(relevant.values(), reverse=True)[:10]
+        dcg = float(np.dot(gains[:10], discounts[: len(gains[:10])]))
+        totals["ndcg_at_10"] += dcg / float(np.dot(ideal, discounts[: len(ideal)]))
+        totals["recall_at_100"] += sum(1 for g in gains[:100] if g > 0) / len(relevant)
+        first = next((rank for rank, g in enumerate(gains[:10], 1) if g > 0), None)
+        totals["mrr_at_10"] += 1.0 / first if first else 0.0
+    return {name: total / max(1, len(qrels)) for name, total in totals.items()}
+
+
+# ------------------------------------------------------------------- relations (SemEval-2010 Task 8)
+
+DIRECTION_SUFFIX = re.compile(r"\(e[12],e[12]\)$")  # the scorer's s/\(e[12],e[12]\)$//
+RELATION_MODES = ("directed", "undirected", "labels")
+
+
+def relation_type(label: str) -> str:
+    """The relation type of a directed label: `Cause-Effect(e2,e1)` -> `Cause-Effect`; others unchanged."""
+    return DIRECTION_SUFFIX.sub("", label)
+
+
+def _relation_scores(true: Sequence[str], pred: Sequence[str], other: str, mode: str) -> dict[str, Any]:
+    """One of the scorer's three evaluations (semeval2010_task8_scorer-v1.2.pl, `evaluate`).
+
+    mode "directed" is its (9+1)-way evaluation with directionality taken into account (the official one):
+    labels are merged into their relation type, a prediction is correct only with the gold label's type
+    and direction, and a prediction of the right type in the wrong direction still counts among the type's
+    predictions (the scorer's xDIRx column), so it costs precision and recall. "undirected" is the (9+1)-way
+    evaluation ignoring direction; "labels" is the (2x9+1)-way evaluation over the directed labels.
+
+    Rows are the types present in the gold labels (as the scorer's, which loops over the answer key);
+    macro and micro averages leave `other` out, and predicting `other` for a relation is a miss.
+    """
+    key = (lambda label: label) if mode == "labels" else relation_type
+    gold: Counter[str] = Counter()
+    predicted: Counter[str] = Counter()
+    correct: Counter[str] = Counter()
+    wrong_direction: Counter[str] = Counter()
+    for true_label, pred_label in zip(true, pred):
+        t, p = key(true_label), key(pred_label)
+        gold[t] += 1
+        predicted[p] += 1  # wrong directions included: they are predictions of this type
+        if (true_label == pred_label) if mode == "directed" else (t == p):
+            correct[t] += 1
+        elif t == p:  # directed only: the right type, the wrong direction
+            wrong_direction[t] += 1
+    rows = {}
+    for name in sorted(gold):
+        scores = _prf(correct[name], predicted[name], gold[name])
+        rows[name] = {**scores, "support": gold[name], "correct": correct[name], "predicted": predicted[name]}
+        if mode == "directed":
+            rows[name]["wrong_direction"] = wrong_direction[name]
+    relations = [name for name in rows if name != other]
+    micro = _prf(
+        sum(correct[n] for n in relations),
+        sum(predicted[n] for n in relations),
+        sum(gold[n] for n in relations),
+    )
+    count = max(1, len(relations))
+    return {
+        "macro_precision": sum(rows[n]["precision"] for n in relations) / count,
+        "macro_recall": sum(rows[n]["recall"] for n in relations) / count,
+        "macro_f1": sum(rows[n]["f1"] for n in relations) / count,  # the mean of the F1s, as the scorer
+        **{f"micro_{k}": v for k, v in micro.items()},
+        "rows": rows,
+    }
+
+
+def relation_report(
+    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str], other: str = "Other"
+) -> dict[str, Any]:
+    """SemEval-2010 Task 8's official score and the scorer's other figures, as plain JSON types.
+
+    The official score (`official_macro_f1`) is the macro-averaged F1 over the relation types (9 in
+    SemEval-2010 Task 8) with direction taken into account and `other` excluded: per type (both directions
+    merged) P = correct / all predictions of the type (wrong directions included), R = correct / gold
+    examples of the type, F1 per type, then the unweighted mean of the F1s. Scores are fractions (0-1); the
+    scorer prints percentages.
+
+    Args:
+        y_true: the gold label id of each example; ids index into `labels`.
+        y_pred: the predicted label id of each example.
+        labels: the label names, e.g. `Cause-Effect(e1,e2)`, `Cause-Effect(e2,e1)`, ..., `Other`.
+        other: the label of "no relation", left out of the averages.
+
+    Returns:
+        {"official_macro_f1", "macro_precision", "macro_recall", "micro_precision", "micro_recall",
+        "micro_f1" (all directed, `other` excluded), "accuracy" (exact label, `other` included),
+        "undirected_macro_f1" ((9+1)-way ignoring direction), "label_macro_f1" ((2x9+1)-way over the
+        directed labels), "num_examples", "other_label", "per_relation": {type: {"precision", "recall",
+        "f1", "support", "correct", "predicted", "wrong_direction"}} (the official evaluation's rows,
+        `other` among them but not averaged), "labels", "confusion_matrix" (directed labels, rows = true),
+        "confused_pairs"}.
+
+    Raises:
+        InputError: as `classification_report` (lengths differ, an id out of range, no labels).
+    """
+    basic = classification_report(y_true, y_pred, labels)
+    names = basic["labels"]
+    true = [names[i] for i in np.asarray(y_true, dtype=np.int64).reshape(-1)]
+    pred = [names[i] for i in np.asarray(y_pred, dtype=np.int64).reshape(-1)]
+    official = _relation_scores(true, pred, other, "directed")
+    return {
+        "official_macro_f1": official["macro_f1"],
+        "macro_precision": official["macro_precision"],
+        "macro_recall": official["macro_recall"],
+        "micro_precision": official["micro_precision"],
+        "micro_recall": official["micro_recall"],
+        "micro_f1": official["micro_f1"],
+        "accuracy": basic["accuracy"],
+        "undirected_macro_f1": _relation_scores(true, pred, other, "undirected")["macro_f1"],
+        "label_macro_f1": _relation_scores(true, pred, other, "labels")["macro_f1"],
+        "num_examples": basic["num_examples"],
+        "other_label": other,
+        "per_relation": official["rows"],
+        "labels": names,
+        "confusion_matrix": basic["confusion_matrix"],
+        "confused_pairs": basic["confused_pairs"],
+    }
+
+
+# ------------------------------------------------------------------------------------------ translation
+
+
+def translation_scores(hypotheses: Sequence[str], references: Sequence[str], tokenize: str = "auto") -> dict:
+    """Corpus BLEU and chrF (sacreBLEU, one reference per sentence) with their signatures.
+
+    `tokenize` "auto" is sacreBLEU's "zh" for Chinese references (most characters CJK) and "13a" (its
+    default, what WMT reports for English) otherwise.
+    """
+    import sacrebleu
+
+    if tokenize == "auto":
+        text = "".join(references)
+        cjk = sum("\u4e00" <= c <= "\u9fff" for c in text)
+        tokenize = "zh" if cjk > 0.3 * max(1, len(text.replace(" ", ""))) else "13a"
+    bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
+    chrf = sacrebleu.metrics.CHRF()
+    hypotheses, references = list(hypotheses), [list(references)]
+    return {
+        "bleu": bleu.corpus_score(hypotheses, references).score,
+        "chrf": chrf.corpus_score(hypotheses, references).score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
     }

@@ -4,6 +4,11 @@ Conversations are rendered with the model's chat template; only the assistant's 
 template's markup, system and user turns are context). With packing, conversations are concatenated into
 rows of `max_length` tokens (no padding, as in the HF TRL's packing); without it, each is a row and batches
 are length-grouped and dynamically padded. The LM head runs only at the positions that carry a loss.
+
+A table of pairs (tsv/csv/parquet with source and target columns, e.g. a translation set) is read as
+one-turn conversations: `--data.prompt_template` with {source} filled in is the user turn, the target the
+reply. Then the final report also scores the greedy replies against the targets (sacreBLEU BLEU and chrF),
+so a decoder and an encoder-decoder (`seq2seq`) compare on the same split.
 """
 
 from __future__ import annotations
@@ -19,7 +24,28 @@ import torch.nn.functional as F
 
 from llmkernel.errors import InputError
 from llmkernel.io.chat import read_chat
+from llmkernel.io.pairs import as_conversations, check_tokenizer_covers, read_pairs
 from llmkernel.tasks.base import IGNORE, SupervisedTask, default_max_length, read_train_and_eval
+from llmkernel.tasks.metrics import translation_scores
+
+PAIR_TABLES = (".tsv", ".csv", ".parquet")  # files read as (source, target) pairs rather than chats
+
+
+def is_pair_table(path: str | Path) -> bool:
+    return any(suffix in PAIR_TABLES for suffix in Path(path).suffixes[-2:])  # train.tsv, train.tsv.gz
+
+
+def read_conversations(
+    path: str, source_column: str | None, target_column: str | None, template: str, tokenizer=None
+) -> list[list[dict[str, str]]]:
+    """The conversations of a chat file, or of a table of pairs (the template's user turn, the target reply)."""
+    if not is_pair_table(path):
+        return read_chat(path)
+    pairs = read_pairs(path, source_column, target_column)
+    if tokenizer is not None:
+        check_tokenizer_covers(tokenizer, pairs.sources[:2000], f"{path} ({pairs.source_column})")
+    return as_conversations(pairs, template)
+
 
 # Used for tokenizers without a chat template (e.g. a decoder we pretrained): ChatML, as SmolLM2 uses.
 CHATML_TEMPLATE = (
@@ -51,7 +77,7 @@ class ChatSFT(SupervisedTask):
     peft_task_type = "CAUSAL_LM"
     default_metric = "loss"
     metrics = ("loss", "perplexity")
-    headline = ("loss", "perplexity")
+    headline = ("loss", "perplexity", "bleu", "chrf")  # BLEU and chrF when the evaluation set is pairs
     attackable = False
     uses_class_weights = False
 
@@ -64,6 +90,7 @@ class ChatSFT(SupervisedTask):
             tokenizer.chat_template = CHATML_TEMPLATE
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.pad_id
         self.eval_conversations: list[list[dict[str, str]]] = []
+        self.scores_replies = False  # the evaluation set is a table of pairs: score replies with BLEU/chrF
 
     @property
     def example_unit(self) -> str:
@@ -71,19 +98,21 @@ class ChatSFT(SupervisedTask):
 
     @classmethod
     def accepts(cls, path: str | Path) -> bool:
-        return Path(path).suffix in (".jsonl", ".json")
+        return Path(path).suffix in (".jsonl", ".json", *PAIR_TABLES)
 
     @classmethod
     def from_training_files(
         cls, tokenizer, model_config, data: Any, seed: int, batch_size: int, max_length: int
     ):
         """The task with the chat files `data.train` (and `data.eval`, or a held-out share) encoded."""
-        train, evaluation = read_train_and_eval(read_chat, data, seed)
+        columns = (data.source_column, data.target_column, data.prompt_template, tokenizer)
+        train, evaluation = read_train_and_eval(lambda path: read_conversations(path, *columns), data, seed)
         task = cls(tokenizer, max_length, batch_size, seed, packing=data.packing)
         if not max_length:  # rendering chat templates is slow: count the first 2,000; at most 2,048
             counted = [len(task.encode_conversation(c)["input_ids"]) for c in train[:2000]]
             task.max_length = default_max_length(counted, model_config, data.train, limit=2048)
         task.set_data(train, evaluation)
+        task.scores_replies = is_pair_table(data.eval or data.train)
         return task
 
     @classmethod
@@ -91,9 +120,13 @@ class ChatSFT(SupervisedTask):
         cls, path: str, model, tokenizer, max_length: int, batch_size: int, columns: dict, limit: int
     ):
         """The task with the conversations of `path` as its evaluation set."""
-        conversations = read_chat(path)[: limit or None]
+        template = columns.get("prompt_template") or "{source}"
+        conversations = read_conversations(
+            path, columns.get("source_column"), columns.get("target_column"), template, tokenizer
+        )[: limit or None]
         task = cls(tokenizer, max_length, batch_size)
         task.eval, task.eval_conversations = task.encode(conversations, pack=False), conversations
+        task.scores_replies = is_pair_table(path)
         return task
 
     @classmethod
@@ -105,7 +138,51 @@ class ChatSFT(SupervisedTask):
     ) -> dict[str, Any]:
         report = self.report(model, device)
         report["samples"] = self.samples(model, device, sample_tokens)
+        if self.scores_replies and self.eval_conversations:  # pairs: BLEU and chrF of every reply
+            replies = self.answers(model, device, self.eval_conversations, sample_tokens)
+            references = [c[-1]["content"] for c in self.eval_conversations]
+            report.update(translation_scores(replies, references))
+            for sample, reply in zip(report["samples"], replies):
+                sample["reply"] = reply
         return report
+
+    @torch.no_grad()
+    def answers(
+        self,
+        model,
+        device: torch.device,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        max_new_tokens: int,
+    ) -> list[str]:
+        """Greedy replies to many conversations (their last assistant turns left out), in left-padded
+        batches, longest first; each ends at eos or the template's end of turn (<|im_end|>)."""
+        model.eval()
+        prompts = [c[:-1] if c[-1]["role"] == "assistant" else c for c in conversations]
+        ids = [
+            self.tokenizer(self.render(p, generation_prompt=True), add_special_tokens=False)["input_ids"]
+            for p in prompts
+        ]
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        stop = [self.eos_id] + ([end_of_turn] if end_of_turn != self.tokenizer.unk_token_id else [])
+        order = np.argsort([-len(row) for row in ids], kind="stable")
+        replies = [""] * len(ids)
+        for start in range(0, len(order), self.batch_size):
+            rows = [ids[i] for i in order[start : start + self.batch_size]]
+            longest = max(map(len, rows))
+            input_ids = torch.tensor([[self.pad_id] * (longest - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
+            output = model.generate(
+                input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=self.pad_id,
+            )
+            texts = self.tokenizer.batch_decode(output[:, longest:].tolist(), skip_special_tokens=True)
+            for index, text in zip(order[start : start + self.batch_size], texts):
+                replies[index] = text.strip()
+        return replies
 
     def samples(self, model, device: torch.device, max_new_tokens: int, count: int = 3) -> list[dict]:
         """Greedy replies to the first evaluation prompts, next to the reference replies."""

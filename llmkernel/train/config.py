@@ -150,7 +150,12 @@ ADVERSARIAL = ("none", "fgm", "pgd", "freelb")
 class FinetuneDataConfig:
     """Labeled data: files, columns and lengths."""
 
-    train: str = option("", "training file: csv/tsv/jsonl/parquet (classify), CoNLL (ner), jsonl chats (sft)")
+    train: str = option(
+        "",
+        "training file: csv/tsv/jsonl/parquet (classify), CoNLL (ner), jsonl chats (sft), "
+        "jsonl with two marked entities (relation), "
+        "a BEIR folder or jsonl pairs (embed)",
+    )
     eval: str = option("", "evaluation file of the same format ('': hold out eval_fraction of train)")
     eval_fraction: float = option(0.1, "share of train held out for evaluation when no eval file is given")
     text_column: str | None = option(None, "classify: column with the text (null: detected)")
@@ -166,11 +171,33 @@ class FinetuneDataConfig:
         help="classify: names for the label values in their sorted order, e.g. negative positive for 0 1 "
         "(empty: the values themselves); what eval.json and the server show",
     )
+    source_column: str | None = option(
+        None, "seq2seq, sft on a table: column with the source text (null: src, source, input or prompt)"
+    )
+    target_column: str | None = option(
+        None, "seq2seq, sft on a table: column with the target text (null: tgt, target, output, ...)"
+    )
+    prompt_template: str = option(
+        "{source}", "sft on a table of pairs: the user turn, with {source} replaced by the source text"
+    )
+    label_smoothing: float = option(0.1, "seq2seq: label smoothing of the target cross-entropy")
+    num_beams: int = option(4, "seq2seq: beam size when translating the evaluation set (1: greedy)")
     packing: bool = option(True, "sft: concatenate conversations into full rows of train.seq_len tokens")
+    scale: float = option(
+        20.0, "embed: InfoNCE scale of the cosine similarities (1 / temperature; sentence-transformers' 20)"
+    )
+    symmetric: bool = option(False, "embed: add the documents-to-queries direction to the loss")
+    hard_negatives: int = option(
+        0, "embed: hard negatives per pair, mined with the starting model before training (0: in-batch only)"
+    )
 
     def __post_init__(self) -> None:
         check(0 < self.eval_fraction < 1, "eval_fraction", "must be in (0, 1)")
         check(self.limit >= 0, "limit", "must be >= 0")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        check(self.num_beams >= 1, "num_beams", "must be >= 1")
+        check(self.scale > 0, "scale", "must be > 0")
+        check(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
         self.class_weights = str(self.class_weights).lower()
         check(self.class_weights in ("auto", "true", "false"), "class_weights", "must be auto, true or false")
 
@@ -237,12 +264,19 @@ class FinetuneConfig:
     training, optionally adversarial. Unset values (0) are derived from the data, the method and the model."""
 
     task: str = option(
-        help="the task: classify (labels of texts), ner (labels of tokens) or sft (chat replies)",
+        help="the task: classify (labels of texts), ner (labels of tokens), relation (between two marked "
+        "entities), sft (chat replies) or seq2seq "
+        "(translation with an encoder-decoder)",
         positional=True,
         choices=FINETUNE_TASKS,
     )
     model: str = option(
-        "", "model to start from: an HF folder, a .gguf file, all-minilm-l6-v2 or smollm2-135m-instruct"
+        "",
+        "model to start from: an HF folder, a .gguf file, all-minilm-l6-v2 or smollm2-135m-instruct, "
+        "or a preset trained from scratch (seq2seq-tiny/small/base, decoder-tiny/small/base) with --tokenizer",
+    )
+    tokenizer: str = option(
+        "", "preset models: the tokenizer folder to build them on (`llmk prepare`'s OUT/tokenizer)"
     )
     out: str = option("runs/finetune", "output: the tuned HF model folder, eval.json, checkpoints/, run.json")
     method: str = option("full", "full, top_layers (train only the top K blocks and the head) or lora")

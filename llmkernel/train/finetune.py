@@ -27,6 +27,7 @@ from llmkernel import dist, tasks
 from llmkernel.config import to_dict
 from llmkernel.errors import ConfigError, InputError
 from llmkernel.models.loading import load_config, load_model, load_tokenizer_for, model_kind, resolve_model
+from llmkernel.models.presets import PRESET_MODELS
 from llmkernel.runs import (
     Manifest,
     check_writable_parent,
@@ -60,6 +61,12 @@ TARGET_STEPS = 800  # default epochs aim at about this many optimizer steps (at 
 # intents, MiniLM, 313 steps an epoch): 3 epochs (the 800-step target) 0.900 test accuracy, 5 epochs 0.928.
 STEPS_PER_LABEL = 20
 BEST = "best"
+# Peak learning rate of a preset trained from scratch: small Transformers take far more than fine-tuning's
+# 1e-4 (Vaswani et al. 2017: a peak of about 7e-4 at width 512; narrower models take more).
+FROM_SCRATCH_LR = 1e-3
+# ... and its default epochs: a model that starts from nothing needs many passes (seq2seq-small on Tatoeba
+# zh->en, 26k pairs: after 2 epochs it still answered every source with the same few generic sentences).
+FROM_SCRATCH_EPOCHS = 10.0
 
 
 @dataclass
@@ -91,16 +98,18 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo, variant: Variant
     out = Path(config.out)
     check_writable_parent(out)
     for path in (config.data.train, config.data.eval):  # inputs first: a missing file before anything else
-        if path and not Path(path).is_file():
+        if path and not Path(path).exists():  # a file, or a folder for the embed task's BEIR sets
             raise InputError(
                 f"{path}: no such file; pass the training (--data.train) and eval (--data.eval) files"
             )
-    folder = resolve_model(config.model)
+    folder = resolve_model(config.model, config.tokenizer, config.train.seed)  # a preset: built once
+    from_scratch = config.model in PRESET_MODELS
     task_class = tasks.task_class(config.task)
     kind = model_kind(folder)
     tokenizer, model_config = load_tokenizer_for(folder), load_config(folder)
     inputs = describe_inputs(
         [Path(p) for p in (config.data.train, config.data.eval) if p]
+        + ([Path(config.tokenizer) / "tokenizer.json"] if from_scratch else [])
         + (variant.more_inputs if variant else [])
     )
     run_fingerprint = fingerprint(run_config, inputs, RUN_ONLY_FIELDS)
@@ -115,7 +124,9 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo, variant: Variant
         )
     if config.eval_metric and config.eval_metric not in task.metrics:
         raise ConfigError(f"eval_metric: {config.task} reports {', '.join(task.metrics)}; pick one of them")
-    config = resolve_defaults(config, task, model_config, task.max_length, rank_info.world_size)
+    config = resolve_defaults(
+        config, task, model_config, task.max_length, rank_info.world_size, from_scratch=from_scratch
+    )
     checkpoints = open_output(out, stage, run_fingerprint, config.resume, config.force, rank_info)
     if checkpoints is None:
         return read_manifest(out)["metrics"]
@@ -126,6 +137,11 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo, variant: Variant
     torch.manual_seed(config.train.seed)
     if task.model_kind == "decoder" and kind != "decoder":
         raise InputError(f"{folder} is a {kind} model; {config.task} tunes decoders (*ForCausalLM folders)")
+    if (task.model_kind == "seq2seq") != (kind == "seq2seq"):
+        raise InputError(
+            f"{folder} is a {kind} model; seq2seq trains encoder-decoders (a seq2seq-* preset, *MTModel or "
+            "*ForConditionalGeneration folders) and the other tasks do not"
+        )
     model = load_model(folder, task.model_kind, new_head=task.new_head())
     if config.method == "top_layers":
         freeze_all_but_top_layers(model, config.top_layers)
@@ -231,15 +247,24 @@ def default_learning_rate(method: str, width: int) -> float:
 
 
 def resolve_defaults(
-    config: FinetuneConfig, task: SupervisedTask, model_config, max_length: int, world_size: int
+    config: FinetuneConfig,
+    task: SupervisedTask,
+    model_config,
+    max_length: int,
+    world_size: int,
+    from_scratch: bool = False,
 ) -> FinetuneConfig:
     """Fill every automatic (0) setting from the data, method and model, and say what was chosen."""
     steps_per_epoch = task.steps_per_epoch(config.train.grad_accum, world_size)
-    target_steps = max(TARGET_STEPS, STEPS_PER_LABEL * len(task.names))
+    target_steps = task.target_steps or max(TARGET_STEPS, STEPS_PER_LABEL * len(task.names))
     epochs = config.epochs or float(min(10, max(1, round(target_steps / steps_per_epoch))))
+    if from_scratch and not config.epochs:
+        epochs = FROM_SCRATCH_EPOCHS
     max_steps = config.train.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     width = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 768)
-    lr = config.optim.lr or default_learning_rate(config.method, width)
+    lr = config.optim.lr or (
+        FROM_SCRATCH_LR if from_scratch else task.lr_scale * default_learning_rate(config.method, width)
+    )
     warmup = config.optim.warmup_steps if config.optim.warmup_steps >= 0 else math.ceil(0.06 * max_steps)
     eval_every = config.train.eval_every or steps_per_epoch
     train = dataclasses.replace(

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from llmkernel.serve.app import create_app
 from llmkernel.serve.config import ServeConfig
-from tests.tiny_models import make_tiny_bert, make_tiny_llama
+from tests.tiny_models import make_tiny_bert, make_tiny_llama, make_tiny_relation
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +42,32 @@ def ner_dir(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-ner"), "ner")
 
 
+@pytest.fixture(scope="session")
+def relation_dir(tmp_path_factory) -> Path:
+    return make_tiny_relation(tmp_path_factory.mktemp("tiny-relation"))
+
+
 # TestClient sends `Host: testserver`; the loopback default accepts localhost names only.
 TEST_HOSTS = ["testserver", "localhost", "127.0.0.1", "::1"]
+
+
+@pytest.fixture(scope="session")
+def beir(tmp_path_factory) -> Path:
+    """A tiny corpus in the BEIR layout (tests/retrieval/tiny_beir.py)."""
+    from tests.retrieval.tiny_beir import make_tiny_beir
+
+    return make_tiny_beir(tmp_path_factory.mktemp("beir") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def index_dir(tmp_path_factory, beir, bert_dir) -> Path:
+    """`beir` indexed by `llmk index` with the tiny BERT."""
+    from llmkernel.retrieval.build import build_index
+    from llmkernel.retrieval.config import IndexConfig
+
+    out = tmp_path_factory.mktemp("index") / "index"
+    build_index(IndexConfig(encoder=str(bert_dir), corpus=str(beir), out=str(out), progress=False))
+    return out
 
 
 def serve_config(model_dir: Path, **overrides: Any) -> ServeConfig:

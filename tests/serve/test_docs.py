@@ -43,7 +43,9 @@ def test_llmk_commands_in_the_doc_parse():
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_curl_examples_run_as_written(tmp_path, llama_dir, bert_dir, classifier_dir, ner_dir):
+def test_curl_examples_run_as_written(
+    tmp_path, llama_dir, bert_dir, classifier_dir, ner_dir, relation_dir, index_dir
+):
     key, _ = create_key(tmp_path / "keys.json", "docs")
     keys = KeyStore.load(tmp_path / "keys.json")
     servers = {  # port in the doc -> (model folder, the name the doc uses)
@@ -51,11 +53,14 @@ def test_curl_examples_run_as_written(tmp_path, llama_dir, bert_dir, classifier_
         "8001": (bert_dir, "all-minilm-l6-v2"),
         "8002": (classifier_dir, "classifier"),
         "8003": (ner_dir, "ner"),
+        "8004": (relation_dir, "relation"),
+        "8005": (bert_dir, "scifact-search", {"index": str(index_dir)}),
     }
     with contextlib.ExitStack() as stack:
         urls = {}
-        for port, (folder, name) in servers.items():
-            app = create_app(serve_config(folder, served_model_name=name), model_dir=folder, keys=keys)
+        for port, (folder, name, *extra) in servers.items():
+            config = serve_config(folder, served_model_name=name, **(extra[0] if extra else {}))
+            app = create_app(config, model_dir=folder, keys=keys)
             urls[port] = stack.enter_context(live_server(app))
         for url in urls.values():
             _wait_ready(url, key)

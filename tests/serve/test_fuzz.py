@@ -22,7 +22,7 @@ from tests.serve.conftest import live_server, serve_config
 MAX_EXAMPLES = 12
 
 
-@pytest.fixture(scope="module", params=["classifier", "llama", "ner"])
+@pytest.fixture(scope="module", params=["classifier", "llama", "ner", "relation"])
 def fuzz_server(request, tmp_path_factory):
     """(base URL, key) of a live server with keys, tight limits and a model of each kind."""
     model_dir = request.getfixturevalue(f"{request.param}_dir")

@@ -1,0 +1,1 @@
+"""`llmk index`: embedding indexes (exact, or HNSW from faiss), BM25 (bm25s) and hybrid ranking (RRF)."""
