@@ -45,6 +45,15 @@ def run_llmk(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproc
     )
 
 
+def fails_in_one_line(*args: str) -> str:
+    """Run `llmk *args`, check it refused the input as the house does (exit 2, one line, no traceback);
+    returns that line."""
+    result = run_llmk(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    return result.stderr
+
+
 def kill_after_checkpoint(args: list[str], out: Path, step: int, timeout: float = 120) -> None:
     """Run `llmk *args --out out` and SIGKILL it as soon as the checkpoint of `step` exists."""
     import signal

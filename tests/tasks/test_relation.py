@@ -22,7 +22,7 @@ from llmkernel.tasks.relation import (
     read_relations,
     strip_markers,
 )
-from tests.conftest import run_llmk
+from tests.conftest import fails_in_one_line, run_llmk
 from tests.tiny_models import make_tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -356,11 +356,7 @@ def test_relation_through_the_cli_then_evaluate(tiny_bert, relation_files, tmp_p
     assert "official score" in evaluated.stdout
 
 
-def _fails(*args: str) -> str:
-    result = run_llmk(*args)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    return result.stderr
+_fails = fails_in_one_line
 
 
 @pytest.mark.e2e

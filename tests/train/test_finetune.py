@@ -15,7 +15,7 @@ from llmkernel.eval.config import EvaluateConfig
 from llmkernel.eval.evaluate import evaluate
 from llmkernel.train.config import FinetuneConfig
 from llmkernel.train.finetune import BestModel, finetune
-from tests.conftest import run_llmk
+from tests.conftest import fails_in_one_line, run_llmk
 from tests.tiny_models import make_tiny_bert, make_tiny_llama
 
 CITIES = ["paris", "berlin"]
@@ -300,11 +300,7 @@ def test_sft_lora_learns_the_replies_and_merges(tmp_path):
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def _fails(*args: str) -> str:
-    result = run_llmk(*args)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    return result.stderr
+_fails = fails_in_one_line
 
 
 @pytest.mark.e2e
