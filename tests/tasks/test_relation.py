@@ -356,21 +356,18 @@ def test_relation_through_the_cli_then_evaluate(tiny_bert, relation_files, tmp_p
     assert "official score" in evaluated.stdout
 
 
-_fails = fails_in_one_line
-
-
 @pytest.mark.e2e
 def test_bad_input_is_one_line_and_exit_2(tiny_bert, relation_files, tmp_path):
     train, dev = relation_files
     base = ["finetune", "relation", "--model", str(tiny_bert), "--out", str(tmp_path / "out")]
     unmarked = _write_jsonl(tmp_path / "unmarked.jsonl", [{"text": "alice lives in paris", "label": "Other"}])
-    assert "no <e1> marker" in _fails(*base, "--data.train", unmarked)
+    assert "no <e1> marker" in fails_in_one_line(*base, "--data.train", unmarked)
     one = _write_jsonl(tmp_path / "one.jsonl", [{"text": "<e1>alice</e1> lives in paris", "label": "Other"}])
-    assert "no <e2> marker" in _fails(*base, "--data.train", one)
+    assert "no <e2> marker" in fails_in_one_line(*base, "--data.train", one)
     spans = _write_jsonl(
         tmp_path / "spans.jsonl", [{"text": "alice", "e1": [0, 5], "e2": [3, 9], "label": "X"}]
     )
-    assert "out of range" in _fails(*base, "--data.train", spans)
+    assert "out of range" in fails_in_one_line(*base, "--data.train", spans)
     assert not (tmp_path / "out").exists()
     # evaluation: a label the model does not know
     out = tmp_path / "tuned"
@@ -380,8 +377,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny_bert, relation_files, tmp_path):
     unknown = _write_jsonl(
         tmp_path / "unknown.jsonl", [{"text": "<e1>a</e1> <e2>b</e2>", "label": "Born-In(e1,e2)"}]
     )
-    assert "Born-In(e1,e2)" in _fails("evaluate", str(out), "--data", unknown, "--out", str(tmp_path / "e"))
-    assert "no <e1> marker" in _fails("evaluate", str(out), "--data", unmarked, "--out", str(tmp_path / "e"))
+    assert "Born-In(e1,e2)" in fails_in_one_line(
+        "evaluate", str(out), "--data", unknown, "--out", str(tmp_path / "e")
+    )
+    assert "no <e1> marker" in fails_in_one_line(
+        "evaluate", str(out), "--data", unmarked, "--out", str(tmp_path / "e")
+    )
 
 
 def test_prune_quantize_and_distill_refuse_a_relation_model_in_one_line(tmp_path):

@@ -300,31 +300,30 @@ def test_sft_lora_learns_the_replies_and_merges(tmp_path):
 # ------------------------------------------------------------------------------------------- bad input
 
 
-_fails = fails_in_one_line
-
-
 @pytest.mark.e2e
 def test_bad_input_is_one_line_and_exit_2(bert_dir, classify_files, tmp_path):
     train, dev = classify_files
     base = ["finetune", "classify", "--model", str(bert_dir), "--out", str(tmp_path / "out")]
-    assert "labl" in _fails(*base, "--data.train", train, "--data.label_column", "labl")
+    assert "labl" in fails_in_one_line(*base, "--data.train", train, "--data.label_column", "labl")
     unseen = tmp_path / "unseen.tsv"
     _write_tsv(unseen, [("hello paris", "france"), ("hello rome", "italy")])
-    assert "italy" in _fails(*base, "--data.train", train, "--data.eval", str(unseen))
+    assert "italy" in fails_in_one_line(*base, "--data.train", train, "--data.eval", str(unseen))
     empty = tmp_path / "empty.tsv"
     empty.write_text("")
-    assert "empty.tsv" in _fails(*base, "--data.train", str(empty))
+    assert "empty.tsv" in fails_in_one_line(*base, "--data.train", str(empty))
     conll = tmp_path / "bad.conll"
     conll.write_text("hello\tO\nparis\tB-LOC\textra\n")
-    message = _fails("finetune", "ner", "--model", str(bert_dir), "--data.train", str(conll))
+    message = fails_in_one_line("finetune", "ner", "--model", str(bert_dir), "--data.train", str(conll))
     assert "line 2" in message
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
-    assert "not a model folder" in _fails(
+    assert "not a model folder" in fails_in_one_line(
         "finetune", "classify", "--model", str(not_a_model), "--data.train", train
     )
     (not_a_model / "config.json").write_text("{}")
-    assert "not-a-model" in _fails("finetune", "classify", "--model", str(not_a_model), "--data.train", train)
+    assert "not-a-model" in fails_in_one_line(
+        "finetune", "classify", "--model", str(not_a_model), "--data.train", train
+    )
     assert not (tmp_path / "out").exists()
 
 
