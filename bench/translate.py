@@ -5,9 +5,10 @@ seed on the same tokenizer) on the same 26,055 training pairs, encoded the same 
 each ended by eos, at most 32 tokens), for the same wall-clock budget (--minutes each) and the same step
 schedule: batch 64, learning rate 1e-3 with 6% warmup and linear decay over --epochs epochs of steps (the
 budget may stop either side before the end), weight decay 0.01,
-label smoothing 0.1, gradient clipping at 1, fp32 on CPU. The Trainer is plain: a random sampler, its own
-DataCollatorForSeq2Seq padding; ours groups pairs of similar length and evaluates greedily on dev every
-epoch (inside its budget). Both folders are then scored by the same command, `llmk evaluate` on test.tsv
+label smoothing 0.1, gradient clipping at 1, fp32 on CPU, random batches on both sides (seq2seq's default;
+length-grouped batches slow this from-scratch model down). The Trainer is plain: its own
+DataCollatorForSeq2Seq padding, no evaluation; ours evaluates greedily on dev every epoch (inside its
+budget) and keeps the best. Both folders are then scored by the same command, `llmk evaluate` on test.tsv
 (beam 4, sacreBLEU 13a BLEU and chrF). Pairs/s count optimizer steps only on our side (the loop's clock) and
 the Trainer's steps (its clock, without its start-up); tokens/s are pairs/s times the mean tokens of a
 pair (source + target). Each side runs in its own process; with --rounds N the sides alternate N times.

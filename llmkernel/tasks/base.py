@@ -123,6 +123,7 @@ class SupervisedTask(Task):
     example_unit = "examples"
     target_steps = 0  # optimizer steps the default epochs aim at (0: llmk finetune's rule, ~800)
     lr_scale = 1.0  # the default learning rate (llmk finetune's, by method and width) times this
+    group_by_length = True  # batches of similar lengths (LengthGroupedBatches); --data.group_by_length
 
     def __init__(self, tokenizer, max_length: int, batch_size: int, seed: int) -> None:
         self.tokenizer = tokenizer
@@ -169,8 +170,14 @@ class SupervisedTask(Task):
     def set_train(self, examples: list[dict[str, Any]]) -> None:
         self.train = examples
         self.batches = LengthGroupedBatches(
-            [len(e["input_ids"]) for e in examples], self.batch_size, self.seed
+            [len(e["input_ids"]) for e in examples], self.batch_size, self.seed, self.group_by_length
         )
+
+    def use_length_grouping(self, setting: str) -> None:
+        """--data.group_by_length: "auto" keeps the task's default; "true"/"false" rebuild the batches."""
+        if setting != "auto" and (setting == "true") != self.group_by_length:
+            self.group_by_length = setting == "true"
+            self.set_train(self.train)
 
     def steps_per_epoch(self, grad_accum: int, world_size: int) -> int:
         return math.ceil(self.batches.per_epoch / (grad_accum * world_size))

@@ -344,7 +344,7 @@ class ContrastiveEmbed(SupervisedTask):
         # Batches of similar document lengths pad less; in-batch negatives stay random across epochs.
         self.train = examples
         self.batches = LengthGroupedBatches(
-            [len(e["input_ids"]) for e in examples], self.batch_size, self.seed
+            [len(e["input_ids"]) for e in examples], self.batch_size, self.seed, self.group_by_length
         )
 
     # -------------------------------------------------------------------------------- hard negatives

@@ -51,6 +51,11 @@ class Seq2Seq(SupervisedTask):
     attackable = False
     uses_class_weights = False
     example_unit = "sentence pairs"
+    # Random batches, as the HF Trainer's default sampler: a model trained from scratch learns far slower
+    # from batches of one length. seq2seq-small on Tatoeba zh->en, batch 64, lr 1e-3, 2 cores: after the
+    # first epoch (408 steps) dev greedy BLEU 3.11 / loss 3.59 in random order, 0.10 / 4.13 length-grouped
+    # (grouped pads less: 149 pairs/s vs 115).
+    group_by_length = False
 
     def __init__(
         self,

@@ -182,6 +182,11 @@ class FinetuneDataConfig:
     )
     label_smoothing: float = option(0.1, "seq2seq: label smoothing of the target cross-entropy")
     num_beams: int = option(4, "seq2seq: beam size when translating the evaluation set (1: greedy)")
+    group_by_length: str = option(
+        "auto",
+        "batch examples of similar length together (less padding): auto (on, except seq2seq, where it "
+        "slows learning), true, false",
+    )
     packing: bool = option(True, "sft: concatenate conversations into full rows of train.seq_len tokens")
     scale: float = option(
         20.0, "embed: InfoNCE scale of the cosine similarities (1 / temperature; sentence-transformers' 20)"
@@ -200,6 +205,12 @@ class FinetuneDataConfig:
         check(self.hard_negatives >= 0, "hard_negatives", "must be >= 0")
         self.class_weights = str(self.class_weights).lower()
         check(self.class_weights in ("auto", "true", "false"), "class_weights", "must be auto, true or false")
+        self.group_by_length = str(self.group_by_length).lower()
+        check(
+            self.group_by_length in ("auto", "true", "false"),
+            "group_by_length",
+            "must be auto, true or false",
+        )
 
 
 @dataclass

@@ -118,6 +118,7 @@ def _finetune(config: FinetuneConfig, rank_info: dist.DistInfo, variant: Variant
     task = task_class.from_training_files(
         tokenizer, model_config, config.data, config.train.seed, config.train.batch_size, config.train.seq_len
     )
+    task.use_length_grouping(config.data.group_by_length)
     if not task.train or not task.eval:
         raise InputError(
             f"{config.data.train}: too few examples to train and evaluate; give an eval file or more rows"

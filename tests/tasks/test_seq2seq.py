@@ -12,12 +12,14 @@ import pytest
 import sacrebleu
 import torch
 
+from llmkernel.errors import ConfigError
 from llmkernel.io.pairs import read_pairs, unknown_rate
 from llmkernel.io.tokenizers import load_tokenizer
-from llmkernel.models.loading import architecture_kind, load_model, preset_folder
+from llmkernel.models.loading import architecture_kind, load_config, load_model, preset_folder
 from llmkernel.tasks.base import IGNORE
 from llmkernel.tasks.metrics import translation_scores
 from llmkernel.tasks.seq2seq import Seq2Seq
+from llmkernel.train.config import FinetuneDataConfig
 from tests.conftest import run_llmk
 from tests.serve.conftest import running_client
 from tests.test_cli import _exit_code
@@ -72,6 +74,21 @@ def test_the_teacher_forced_loss_is_hf_s_own_shift_and_cross_entropy(translation
     with torch.no_grad():
         assert smoothed.loss(model, batch).item() != pytest.approx(ours.item() * task.count(batch))
     assert (batch["labels"] == IGNORE).any()  # rows of different lengths: padding is ignored
+
+
+def test_seq2seq_batches_are_random_unless_length_grouping_is_asked_for(translation_set):
+    """seq2seq's default is random batches (length-grouped ones slow a from-scratch model down); the
+    --data.group_by_length setting turns grouping on, and anything but auto/true/false is refused."""
+    folder = preset_folder("seq2seq-tiny", translation_set["tokenizer"], seed=0)
+    data = FinetuneDataConfig(train=str(translation_set["train"]), eval=str(translation_set["dev"]))
+    task = Seq2Seq.from_training_files(load_tokenizer(folder), load_config(folder), data, 0, 4, 32)
+    assert not task.batches.group_by_length
+    task.use_length_grouping("auto")
+    assert not task.batches.group_by_length
+    task.use_length_grouping("true")
+    assert task.batches.group_by_length and task.batches.per_epoch == -(-len(task.train) // 4)
+    with pytest.raises(ConfigError, match="group_by_length"):
+        FinetuneDataConfig(group_by_length="sometimes")
 
 
 def test_bleu_and_chrf_are_sacrebleu_s_corpus_scores():
