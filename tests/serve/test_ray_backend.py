@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -122,11 +122,17 @@ class Load:
             thread.join(timeout=60)
 
 
-def _timeline(seconds: float, start: float, every: float = 0.5) -> list[tuple[float, int]]:
-    """(time since `start`, running replicas) every `every` seconds for `seconds`."""
+def _timeline(
+    seconds: float, start: float, until: Callable[[int], bool] | None = None, every: float = 0.5
+) -> list[tuple[float, int]]:
+    """(time since `start`, running replicas) every `every` seconds for `seconds`, or until
+    `until(running)` holds (the autoscaler's pace depends on how loaded the machine is)."""
     seen, end = [], time.monotonic() + seconds
     while time.monotonic() < end:
-        seen.append((round(time.monotonic() - start, 1), ray_backend.replica_counts().get("RUNNING", 0)))
+        running = ray_backend.replica_counts().get("RUNNING", 0)
+        seen.append((round(time.monotonic() - start, 1), running))
+        if until is not None and until(running):
+            break
         time.sleep(every)
     return seen
 
@@ -140,9 +146,9 @@ def test_replicas_are_added_under_load_and_removed_after_it(local_ray, llama_dir
     start = time.monotonic()
     assert ray_backend.replica_counts() == {"RUNNING": 1}
     load = Load(url, clients=6)
-    under_load = _timeline(25, start)
+    under_load = _timeline(90, start, until=lambda running: running >= 2)
     load.stop()
-    after = _timeline(25, start)
+    after = _timeline(60, start, until=lambda running: running == 1)
     serve.shutdown()  # the next test starts Serve on a port of its own
     print(f"\nreplicas over time (s, running): {under_load + after}")
     print(f"requests: {load.sent} sent, {load.answered} answered, {len(load.failed)} failed")
