@@ -33,7 +33,7 @@ from tqdm import tqdm
 from llmkernel.errors import InputError
 from llmkernel.io.beir import Pair, RetrievalSet, is_beir_folder, qrels_splits, read_beir, read_pairs
 from llmkernel.tasks import report as reports
-from llmkernel.tasks.base import LengthGroupedBatches, SupervisedTask, pad
+from llmkernel.tasks.base import SupervisedTask, pad
 from llmkernel.tasks.metrics import ranking_metrics
 
 QUERY_MAX_LENGTH = 64  # SciFact claims: median 12 words, 99.9% under 64 tokens
@@ -191,6 +191,8 @@ class ContrastiveEmbed(SupervisedTask):
     # pairs at 256 tokens takes 20-45 s on this project's 2 busy cores. The run it gives is in the README.
     target_steps = 80
     lr_scale = 0.5
+    # Length-grouped batches (the base's default): batches of similar document lengths pad less, and the
+    # in-batch negatives stay random across epochs.
 
     def __init__(
         self,
@@ -339,13 +341,6 @@ class ContrastiveEmbed(SupervisedTask):
             for query_index, q in enumerate(query_ids)
         }
         return examples
-
-    def set_train(self, examples: list[dict[str, Any]]) -> None:
-        # Batches of similar document lengths pad less; in-batch negatives stay random across epochs.
-        self.train = examples
-        self.batches = LengthGroupedBatches(
-            [len(e["input_ids"]) for e in examples], self.batch_size, self.seed, self.group_by_length
-        )
 
     # -------------------------------------------------------------------------------- hard negatives
 
